@@ -1,0 +1,344 @@
+"""
+The whole Transformer in one file: GPT-2 style (learned positions, LayerNorm, GELU, tied
+embeddings) and LLaMA style (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied), chosen by
+ModelConfig fields, plus a table of named presets. This file knows nothing about parallelism:
+train.py applies DDP/FSDP, compile and activation checkpointing from outside, per block.
+
+Shapes: B batch, T sequence, C n_embd, H heads, Hkv key/value heads, D head dim, V vocab.
+"""
+import math
+import zlib
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024      # longest sequence; the size of the position table / RoPE cache
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0          # 0 means n_head (multi-head); fewer shares K/V across heads (GQA)
+    n_embd: int = 768
+    ffn_hidden: int = 0         # 0 means 4*C for gelu, LLaMA's 8/3*C rounded up to multiple_of for swiglu
+    multiple_of: int = 256
+    norm: str = "layernorm"     # layernorm | rmsnorm
+    mlp: str = "gelu"           # gelu | swiglu
+    pos: str = "learned"        # learned | rope
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    bias: bool = True
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    causal: bool = True         # False: bidirectional attention (the BERT path)
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"pick n_embd a multiple of n_head")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
+                             f"n_kv_head must divide n_head")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"RoPE needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}")
+        for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
+                             ("pos", ("learned", "rope"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
+        if not self.ffn_hidden:
+            if self.mlp == "gelu":
+                self.ffn_hidden = 4 * self.n_embd
+            else:
+                h = int(2 * 4 * self.n_embd / 3)
+                self.ffn_hidden = self.multiple_of * math.ceil(h / self.multiple_of)
+
+
+_LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=False, bias=False, vocab_size=32000)
+PRESETS = {
+    # the quickstart model: bytes vocabulary, trains on a 2-core CPU in minutes
+    "tiny": dict(_LLAMA, vocab_size=257, block_size=256, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,
+                 ffn_hidden=384, multiple_of=32, tie_embeddings=True),
+    # GPT-2 (Radford et al. 2019); parameter counts include the learned position table
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    # LLaMA-style sizes for experiments and benchmarks
+    "llama-50m": dict(_LLAMA, block_size=1024, n_layer=8, n_head=8, n_kv_head=4, n_embd=512),
+    "llama-150m": dict(_LLAMA, block_size=2048, n_layer=16, n_head=12, n_kv_head=4, n_embd=768),
+    "llama-1b": dict(_LLAMA, block_size=2048, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048,
+                     ffn_hidden=5632),  # the TinyLlama-1.1B shape
+    "llama-7b": dict(_LLAMA, block_size=4096, n_layer=32, n_head=32, n_embd=4096),  # LLaMA-2-7B
+}
+
+
+def config_from_preset(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    names = {f.name for f in fields(ModelConfig)}
+    bad = [k for k in overrides if k not in names]
+    if bad:
+        raise ValueError(f"unknown ModelConfig field(s) {bad}; valid fields: {sorted(names)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def Norm(cfg):
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_cache(cfg, device=None):
+    """cos/sin tables (block_size, D/2) for rotary embeddings, computed in fp32."""
+    d = cfg.n_embd // cfg.n_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    t = torch.arange(cfg.block_size, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (T, D/2)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x (B, H, T, D); rotate each (even, odd) pair of channels by a position-dependent angle
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.q = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=cfg.bias)
+        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.proj.residual = True  # scaled init, see Transformer.init_tensor
+
+    def forward(self, x, rope=None, cache=None, pos=0, attn_mask=None):
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k, v = self.kv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, Hkv, T, D)
+        if rope is not None:
+            cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # KV cache for generation: write this chunk, attend over all so far
+            cache["k"][:, :, pos:pos + T] = k
+            cache["v"][:, :, pos:pos + T] = v
+            k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
+        causal = self.cfg.causal and attn_mask is None
+        if causal and cache is not None and pos > 0:
+            # query i sits at absolute position pos+i and may see keys 0..pos+i
+            attn_mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            causal = False
+        if self.n_kv_head != self.n_head:  # GQA: each K/V head serves n_head/n_kv_head query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
+                                           dropout_p=self.cfg.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.up = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.ffn_hidden, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+        self.down.residual = True
+
+    def forward(self, x):
+        h = self.up(x)  # (B, T, F) or (B, T, 2F) for SwiGLU's gate and value halves
+        if self.swiglu:
+            gate, val = h.chunk(2, dim=-1)
+            h = F.silu(gate) * val
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1, self.attn = Norm(cfg), Attention(cfg)
+        self.norm2, self.mlp = Norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None, pos=0, attn_mask=None):
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, pos, attn_mask))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = Norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        # RoPE tables are derived, not learned: non-persistent, rebuilt by init_weights after to_empty
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def init_tensor(self, name, shape, seed=0, device="cpu"):
+        """The initial value of parameter `name`, from a generator seeded by (seed, name): any rank
+        can make the same value for any parameter, so a sharded init equals a single-process one."""
+        leaf = name.rsplit(".", 1)[-1]
+        module = self.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            return torch.ones(shape, device=device) if leaf == "weight" else torch.zeros(shape, device=device)
+        if leaf == "bias":
+            return torch.zeros(shape, device=device)
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual", False) else 0.02
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=g, device=device) * std
+
+    @torch.no_grad()
+    def init_weights(self, seed=0):
+        for name, p in self.named_parameters():
+            p.copy_(self.init_tensor(name, p.shape, seed, p.device))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self):
+        if self.cfg.pos == "rope":
+            device = self.tok_emb.weight.device
+            self.rope_cos, self.rope_sin = rope_cache(self.cfg, device="cpu" if device.type == "meta" else device)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n
+
+    def forward(self, idx, targets=None, cache=None, pos=0, attn_mask=None):
+        B, T = idx.shape
+        if pos + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={self.cfg.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
+        x = self.drop(x)
+        rope = (self.rope_cos.to(x.device), self.rope_sin.to(x.device)) if self.cfg.pos == "rope" else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache[i] if cache is not None else None, pos, attn_mask)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:]) if cache is not None else self.lm_head(x), None
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self, batch_size, device, dtype):
+        shape = (batch_size, self.cfg.n_kv_head, self.cfg.block_size, self.cfg.n_embd // self.cfg.n_head)
+        return [dict(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
+                for _ in range(self.cfg.n_layer)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 generator=None):
+        """Extend idx (B, T) by max_new_tokens. temperature=0 is greedy. With use_cache, keys and values
+        are kept per layer so each new token costs one position; when the cache is full the window is
+        re-filled from the last block_size//2 tokens."""
+        if not self.cfg.causal:
+            raise ValueError("generate() needs a causal model; this one is bidirectional")
+        cache, pos = None, 0
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -self.cfg.block_size:])
+            else:
+                if cache is None or pos >= self.cfg.block_size:  # (re)fill the cache from the context
+                    ctx = idx[:, -(self.cfg.block_size // 2 if cache is not None else self.cfg.block_size):]
+                    cache = self.new_cache(idx.size(0), idx.device, self.tok_emb.weight.dtype)
+                    logits, _ = self(ctx, cache=cache, pos=0)
+                    pos = ctx.size(1)
+                else:
+                    logits, _ = self(idx[:, -1:], cache=cache, pos=pos)
+                    pos += 1
+            logits = logits[:, -1, :].float()  # (B, V)
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k, top_p, generator)), dim=1)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row from logits (B, V): greedy at temperature 0, else top-k then nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs and MFU. One implementation, used by train.py's log line and by bench.py.
+
+def flops_per_token(cfg, seq_len=None, training=True):
+    """Matmul FLOPs per token (2 per multiply-add), attention scores included: every Linear in the
+    blocks and the LM head, plus Q@K^T and P@V over the full seq_len window (as the dense kernels
+    compute them). Training counts forward + backward = 3x forward. Embedding lookups are free."""
+    T = seq_len or cfg.block_size
+    C, D, L = cfg.n_embd, cfg.n_embd // cfg.n_head, cfg.n_layer
+    attn_linear = C * cfg.n_head * D + C * 2 * cfg.n_kv_head * D + C * C
+    mlp_linear = C * cfg.ffn_hidden * (3 if cfg.mlp == "swiglu" else 2)
+    attn_scores = 2 * cfg.n_head * D * T  # (q . k) and (p . v) per query position
+    fwd = 2 * (L * (attn_linear + mlp_linear + attn_scores) + C * cfg.vocab_size)
+    return 3 * fwd if training else fwd
+
+
+# dense peak FLOP/s by device name (bf16/fp16 tensor cores; tf32 for fp32 on Ampere and newer)
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp32": 494.5e12},
+    "H100": {"bf16": 989e12, "fp32": 494.5e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "A10G": {"bf16": 70e12, "fp32": 35e12},
+    "L4": {"bf16": 121e12, "fp32": 60e12},
+    "L40S": {"bf16": 362e12, "fp32": 183e12},
+    "4090": {"bf16": 165e12, "fp32": 82.6e12},
+    "V100": {"bf16": 125e12, "fp32": 15.7e12},  # fp16 tensor cores; V100 has no bf16
+}
+
+
+def peak_flops(device, dtype, measure=True):
+    """Peak FLOP/s for MFU: from PEAK_FLOPS by CUDA device name, else (CPU, unknown GPU) measured with a
+    large matmul in `dtype`. Returns (flops, source) so that the log can say which it is."""
+    kind = "fp32" if dtype == torch.float32 else "bf16"
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in PEAK_FLOPS.items():
+            if key in name:
+                return peaks[kind], f"{key} {kind} spec"
+    if not measure:
+        return None, "unknown"
+    return measure_matmul_flops(device, dtype), f"measured {kind} matmul"
+
+
+def measure_matmul_flops(device, dtype, n=1024, reps=5):
+    import time
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best

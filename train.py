@@ -1,0 +1,540 @@
+"""
+Train a Transformer. With no arguments this is the quickstart: the tiny model on the built-in
+pystdlib corpus (prepared on first use), on the best device present.
+
+    python train.py                                   # quickstart
+    python train.py config/gpt2_124m.py --batch_size=8  # a config file, then overrides
+    torchrun --standalone --nproc_per_node=8 train.py config/llama_7b.py   # DDP / FSDP
+
+Every name in the defaults block below can be set by a config file (plain Python assignments)
+or by --key=value (parsed with ast.literal_eval). An unknown key or a value of the wrong type
+stops the run before any work, naming the closest valid key.
+"""
+import ast
+import difflib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+# -----------------------------------------------------------------------------------------------
+# defaults
+# I/O
+out_dir = "out"
+init_from = "scratch"       # 'scratch' | 'resume' (latest checkpoint in out_dir) | a checkpoint path (fine-tune)
+eval_interval = 250         # evaluate (and checkpoint) every this many steps
+eval_iters = 16             # validation batches per evaluation: a fixed set, comparable across runs
+log_interval = 25
+patience = 0                # early stopping: stop after this many evaluations without improvement (0: off)
+save_checkpoints = True
+# data
+data_root = "data"
+dataset = "pystdlib"        # data_root/dataset/{train.bin,val.bin,meta.json}, see prepare.py
+tokenizer = "bytes"         # used only when the built-in dataset has to be prepared
+batch_size = 32             # sequences per micro-step per rank
+gradient_accumulation_steps = 1  # micro-steps per optimizer step; global batch = batch_size * this * world
+# model: a preset from model.PRESETS; the fields after it override the preset (None: keep the preset's)
+model = "tiny"
+vocab_size = None           # None: the dataset's vocabulary (meta.json)
+block_size = None
+n_layer = None
+n_head = None
+n_kv_head = None
+n_embd = None
+ffn_hidden = None
+norm = None
+mlp = None
+pos = None
+rope_theta = None
+tie_embeddings = None
+bias = None
+dropout = None
+# optimizer: AdamW, linear warmup then cosine decay to min_lr
+learning_rate = 3e-3
+max_iters = 2000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0             # 0: off
+warmup_iters = 100
+lr_decay_iters = None       # None: max_iters
+min_lr = 3e-4
+# system
+device = "auto"             # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = "auto"              # 'auto' (bfloat16 on cuda if supported, else float16; float32 elsewhere) | 'float32' | 'bfloat16' | 'float16'
+compile = None              # torch.compile; None: on for cuda, off elsewhere (on CPU it costs ~40 s and gains nothing)
+threads = 0                 # CPU threads per process; 0: all cores, split between local ranks
+seed = 1337
+parallel = "auto"           # 'auto' (ddp under torchrun, else single) | 'single' | 'ddp' | 'fsdp'
+activation_checkpointing = "none"  # 'none' | 'full': recompute each block in the backward pass
+dist_timeout_minutes = 10   # a collective that waits longer than this (a dead rank) fails instead of hanging
+# -----------------------------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))}
+MODEL_KEYS = [f.name for f in fields(M.ModelConfig)]
+MODEL_TYPES = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+               for f in fields(M.ModelConfig)}
+
+
+def check_value(key, value):
+    """Raise a ValueError unless `value` fits the type of `key`'s default."""
+    default = DEFAULTS[key]
+    want = type(default) if default is not None else MODEL_TYPES.get(key)
+    if value is None and default is None or want is None:
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not want:
+        raise ValueError(f"config key {key!r} expects {want.__name__} (default {default!r}), "
+                         f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def unknown_key(key):
+    close = difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see the defaults at the top of train.py"
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def get_config(argv):
+    """Defaults, then config files (in order), then --key=value overrides. Returns a plain dict."""
+    cfg = dict(DEFAULTS)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise ValueError(f"config file {arg!r} not found (arguments are config files or --key=value)")
+            scope = {}
+            exec(compile_source(arg), {}, scope)  # a config file is trusted Python, like train.py itself
+            items = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
+                     and type(v).__name__ != "module"}
+        else:
+            key, eq, raw = arg[2:].partition("=")
+            if not eq:
+                raise ValueError(f"override {arg!r} must look like --key=value")
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare word is a string: --dataset=shakespeare
+            items = {key: value}
+        for key, value in items.items():
+            if key not in DEFAULTS:
+                raise unknown_key(key)
+            cfg[key] = check_value(key, value)
+    return cfg
+
+
+def compile_source(path):
+    with open(path) as f:
+        return compile(f.read(), path, "exec")
+
+
+# -----------------------------------------------------------------------------------------------
+# data: see prepare.py for the format
+
+def load_split(data_dir, split, meta):
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; run: python prepare.py --name={os.path.basename(data_dir)} ...")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    size, expect = os.path.getsize(path), meta[f"{split}_tokens"] * itemsize
+    if size != expect:
+        raise ValueError(f"{path} holds {size} bytes but meta.json says {meta[f'{split}_tokens']} {meta['dtype']} "
+                         f"tokens ({expect} bytes): the file is truncated or stale; re-run prepare.py")
+    if size == 0:
+        raise ValueError(f"{path} is empty; re-run prepare.py on more text")
+    return np.memmap(path, dtype=meta["dtype"], mode="r")
+
+
+def load_dataset(cfg, rank):
+    data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path) and cfg["dataset"] == "pystdlib" and rank == 0:
+        import prepare
+        print(f"preparing the built-in corpus into {data_dir} (once)")
+        prepare.prepare(name="pystdlib", tokenizer=cfg["tokenizer"], out_dir=cfg["data_root"])
+    barrier()
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"no dataset at {data_dir} (meta.json missing); make one with: "
+                                f"python prepare.py --input=YOUR_TEXT_FILES --name={cfg['dataset']}")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return meta, load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
+
+
+def window_batch(data, starts, T, device):
+    """Rows data[s:s+T] as inputs and data[s+1:s+T+1] as next-token targets, (B, T) each."""
+    x = torch.from_numpy(np.stack([data[s:s + T] for s in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[s + 1:s + T + 1] for s in starts]).astype(np.int64))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def train_starts(cfg, n_tokens, T, step, micro, rank, world):
+    """The window starts of one micro-batch on one rank: a pure function of (seed, step), so resuming at
+    a step needs no sampler state, and every world size splits the same global batch."""
+    B, A = cfg["batch_size"], cfg["gradient_accumulation_steps"]
+    g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+    starts = torch.randint(n_tokens - T - 1, (A * world * B,), generator=g)
+    i = (micro * world + rank) * B
+    return starts[i:i + B].tolist()
+
+
+def eval_starts(n_tokens, T, n):
+    """n evenly spaced windows over the validation split: the same every evaluation and every run."""
+    return np.linspace(0, n_tokens - T - 1, n).astype(np.int64).tolist()
+
+
+# -----------------------------------------------------------------------------------------------
+# distributed helpers: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; we use PyTorch's collectives only
+
+def dist_on():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier():
+    if dist_on():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t):
+    if dist_on():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def setup(cfg):
+    """Device, dtype and the process group. Returns (device, ptdtype, rank, world, parallel)."""
+    from datetime import timedelta
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    dev = cfg["device"]
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if dev == "cuda" and world > 1:
+        dev = f"cuda:{local_rank}"
+    device = torch.device(dev)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is available; use --device=cpu")
+        torch.cuda.set_device(device)
+    parallel = cfg["parallel"]
+    if parallel == "auto":
+        parallel = "ddp" if "RANK" in os.environ else "single"
+    if parallel not in ("single", "ddp", "fsdp"):
+        raise ValueError(f"parallel={parallel!r} is not one of 'auto', 'single', 'ddp', 'fsdp'")
+    if parallel != "single" and "RANK" not in os.environ:
+        raise ValueError(f"parallel={parallel!r} needs torchrun: torchrun --nproc_per_node=N train.py ...")
+    dt = cfg["dtype"]
+    if dt == "auto":
+        dt = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
+    if dt not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={dt!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+    if dt == "float16" and parallel == "fsdp":
+        raise ValueError("dtype='float16' with FSDP is not supported (its loss scaler is not wired in); use bfloat16")
+    if cfg["activation_checkpointing"] not in ("none", "full"):
+        raise ValueError(f"activation_checkpointing={cfg['activation_checkpointing']!r} is not 'none' or 'full'")
+    if device.type == "cpu":
+        torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if world > 1 and not dist_on():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=timedelta(minutes=cfg["dist_timeout_minutes"]))
+    return device, getattr(torch, dt), rank, world, parallel
+
+
+# -----------------------------------------------------------------------------------------------
+# model: built on the meta device, parallelised from outside, then materialised and initialised
+
+def model_config(cfg, meta, ckpt_args=None):
+    if ckpt_args is not None:  # resume / fine-tune: the checkpoint's architecture, dropout may change
+        args = dict(ckpt_args, **({"dropout": cfg["dropout"]} if cfg["dropout"] is not None else {}))
+        return M.ModelConfig(**args)
+    overrides = {k: cfg[k] for k in MODEL_KEYS if cfg.get(k) is not None}
+    overrides.setdefault("vocab_size", meta["vocab_size"])
+    mcfg = M.config_from_preset(cfg["model"], **overrides)
+    if mcfg.vocab_size < meta["vocab_size"]:
+        raise ValueError(f"vocab_size={mcfg.vocab_size} is smaller than the dataset's vocabulary "
+                         f"({meta['vocab_size']}, tokenizer {meta['tokenizer']}): token ids would overflow the embedding")
+    return mcfg
+
+
+def checkpointed(block):
+    """Activation checkpointing by wrapping forward in place: parameter names stay unchanged."""
+    from torch.utils.checkpoint import checkpoint
+    inner = block.forward
+    block.forward = lambda *args, **kw: checkpoint(inner, *args, use_reentrant=False, **kw)
+
+
+def build_model(cfg, mcfg, device, ptdtype, parallel, world):
+    with torch.device("meta"):
+        model = M.Transformer(mcfg)
+    for block in model.blocks:
+        if cfg["activation_checkpointing"] == "full":
+            checkpointed(block)
+        if cfg["compile"] and parallel == "fsdp":  # per block, so FSDP can overlap communication
+            block.compile()
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch 2.6 keeps FSDP2 under _composable
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.to_empty(device=device)
+    init_params(model, cfg["seed"], device)
+    if cfg["compile"] and parallel != "fsdp":
+        model.compile()  # in place: state_dict keys stay free of _orig_mod.
+    return model
+
+
+@torch.no_grad()
+def init_params(model, seed, device):
+    """Every parameter (or its local shard) gets exactly the value a single-process init gives."""
+    for name, p in model.named_parameters():
+        full = model.init_tensor(name, p.shape, seed, device)
+        if hasattr(p, "to_local"):  # an FSDP2 DTensor sharded on dim 0: copy this rank's chunk
+            local = p.to_local()
+            chunks = full.chunk(p.device_mesh.size(), dim=0)
+            rank = p.device_mesh.get_local_rank()
+            if local.numel():
+                local.copy_(chunks[rank])
+        else:
+            p.copy_(full)
+    model.init_buffers()
+
+
+def make_optimizer(cfg, model, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                             fused=device.type == "cuda")
+
+
+def get_lr(cfg, step):
+    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
+    if step < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (step + 1) / cfg["warmup_iters"]
+    if step >= decay_iters:
+        return cfg["min_lr"]
+    ratio = (step - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+# -----------------------------------------------------------------------------------------------
+# checkpoints: written to a temporary name, then renamed, so a crash never leaves a half file
+
+def save_file(obj, path):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:  # weights_only: a checkpoint is data; a file crafted to run code on load is refused
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                         f"it is corrupted, truncated or not an anvil checkpoint") from e
+
+
+def load_weights(model, state):
+    """load_state_dict with an error that names the first mismatch (a different architecture)."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k not in own:
+            raise ValueError(f"checkpoint has parameter {k!r} that this model lacks: a different architecture")
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise ValueError(f"checkpoint parameter {k!r} has shape {tuple(v.shape)}, this model "
+                             f"{tuple(own[k].shape)}: a different architecture (check the model settings)")
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks parameter {missing[0]!r} ({len(missing)} missing): a different architecture")
+    model.load_state_dict(state)
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, val, cfg, T, device, ctx, rank, world):
+    """Mean loss over the fixed validation windows, each rank taking every world-th batch."""
+    model.eval()
+    starts = eval_starts(len(val), T, cfg["eval_iters"] * cfg["batch_size"])
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for i in range(rank, cfg["eval_iters"], world):
+        x, y = window_batch(val, starts[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]], T, device)
+        with ctx:
+            _, loss = model(x, y)
+        total += torch.tensor([loss.item() * y.numel(), y.numel()], device=device, dtype=torch.float64)
+    model.train()
+    total = all_reduce_sum(total)
+    return (total[0] / total[1]).item()
+
+
+def train(cfg):
+    """Run training with the resolved config dict. Returns a summary (losses, evaluations, step)."""
+    device, ptdtype, rank, world, parallel = setup(cfg)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if cfg["compile"] is None:
+        cfg["compile"] = device.type == "cuda"
+    B, A = cfg["batch_size"], cfg["gradient_accumulation_steps"]
+    meta, train_data, val = load_dataset(cfg, rank)
+
+    ckpt, ckpt_path = None, os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["init_from"] == "resume":
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"init_from='resume' but {ckpt_path} does not exist; "
+                                    f"use init_from='scratch' or point out_dir at the run to resume")
+        ckpt = load_checkpoint(ckpt_path)
+    elif cfg["init_from"] != "scratch":
+        ckpt = load_checkpoint(cfg["init_from"])
+    mcfg = model_config(cfg, meta, ckpt["model_args"] if ckpt else None)
+    T = mcfg.block_size
+    if len(val) <= T + 1:
+        raise ValueError(f"the validation split has {len(val)} tokens, not more than block_size={T}; "
+                         f"use a smaller --block_size or more data")
+    if len(train_data) <= T + 1:
+        raise ValueError(f"the training split has {len(train_data)} tokens, not more than block_size={T}")
+
+    model = build_model(cfg, mcfg, device, ptdtype, parallel, world)
+    raw_model = model
+    if ckpt:
+        load_weights(model, ckpt["model"])
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(cfg, raw_model, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
+    step, best_val, bad_evals = 0, float("inf"), 0
+    if cfg["init_from"] == "resume":
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, best_val, bad_evals = ckpt["step"], ckpt["best_val"], ckpt["bad_evals"]
+        set_rng_state(ckpt["rng"])
+    ctx = (torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 and parallel != "fsdp"
+           else nullcontext())  # FSDP casts through its MixedPrecisionPolicy instead
+
+    log(json.dumps({k: cfg[k] for k in DEFAULTS}, indent=None))
+    log(f"model {cfg['model']}: {raw_model.num_params():,} parameters; {asdict(mcfg)}")
+    tokens_per_step = B * A * world * T
+    flops_tok = M.flops_per_token(mcfg, T)
+    peak, peak_src = M.peak_flops(device, ptdtype)
+    log(f"device {device} {str(ptdtype).split('.')[-1]}, parallel={parallel} world={world}, "
+        f"{tokens_per_step:,} tokens/step, MFU vs {peak / 1e12:.2f} TFLOP/s ({peak_src})")
+    if master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+
+    def save(path):
+        if master:
+            save_file({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scaler": scaler.state_dict(), "step": step, "best_val": best_val, "bad_evals": bad_evals,
+                       "config": cfg, "model_args": asdict(mcfg), "meta": meta, "rng": rng_state()}, path)
+        barrier()
+
+    summary = {"train_losses": [], "evals": [], "stopped_early": False}
+    t0, dt_ema, start_step = time.time(), None, step
+    while True:
+        resumed_here = step == start_step and ckpt is not None and cfg["init_from"] == "resume"
+        if (step % cfg["eval_interval"] == 0 and not resumed_here) or step == cfg["max_iters"]:
+            val_loss = evaluate(model, val, cfg, T, device, ctx, rank, world)
+            improved = val_loss < best_val
+            best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
+            summary["evals"].append((step, val_loss))
+            log(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
+                f"{' best' if improved else ''}")
+            if master:
+                with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+            if cfg["save_checkpoints"] and step > start_step:
+                save(ckpt_path)
+                if improved:
+                    save(os.path.join(cfg["out_dir"], "best.pt"))
+            if cfg["patience"] and bad_evals >= cfg["patience"]:
+                log(f"early stop: no improvement in {bad_evals} evaluations (best {best_val:.4f})")
+                summary["stopped_early"] = True
+                break
+        if step >= cfg["max_iters"]:
+            break
+
+        lr = get_lr(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t_step = time.time()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(A):
+            x, y = window_batch(train_data, train_starts(cfg, len(train_data), T, step, micro, rank, world), T, device)
+            last = micro == A - 1
+            if parallel == "fsdp":
+                model.set_requires_gradient_sync(last)  # reduce-scatter gradients only once per step
+            sync = model.no_sync() if parallel == "ddp" and not last else nullcontext()
+            with sync, ctx:
+                _, loss = model(x, y)
+                loss = loss / A
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if cfg["grad_clip"]:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_loss = all_reduce_sum(loss_sum).item() / world
+        summary["train_losses"].append(train_loss)
+        dt = time.time() - t_step
+        dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
+        if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
+            tok_s = tokens_per_step / dt_ema
+            mfu = flops_tok * tok_s / (peak * world)
+            eta = dt_ema * (cfg["max_iters"] - step)
+            rec = {"step": step, "loss": round(train_loss, 4), "lr": lr, "tok_s": round(tok_s), "mfu": round(mfu, 4),
+                   "ms_step": round(dt_ema * 1000, 1), "eta_s": round(eta), "elapsed_s": round(time.time() - t0, 1)}
+            log(f"step {step}: loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, MFU {mfu:.1%}, "
+                f"{dt_ema * 1000:.1f} ms/step, ETA {eta / 60:.1f} min")
+            if master:
+                with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+    summary.update(step=step, best_val=best_val, model=raw_model, wall_s=time.time() - t0)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        config = get_config(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
+    train(config)
+    if dist_on():
+        torch.distributed.destroy_process_group()
