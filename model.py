@@ -61,7 +61,7 @@ _LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=False, bi
 PRESETS = {
     # the quickstart model: bytes vocabulary, trains on a 2-core CPU in minutes
     "tiny": dict(_LLAMA, vocab_size=257, block_size=256, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,
-                 ffn_hidden=384, multiple_of=32, tie_embeddings=True),
+                 multiple_of=32, tie_embeddings=True),
     # GPT-2 (Radford et al. 2019); parameter counts include the learned position table
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),

@@ -109,9 +109,16 @@ def dtype_for_vocab(vocab_size):
 def load_meta(data_dir):
     path = Path(data_dir) / "meta.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {data_dir} is not a prepared corpus "
-                                "(build it with prepare.py)")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"{path} not found: {data_dir} is not a prepared corpus; make one with: "
+                                f"python prepare.py --input=YOUR_TEXT_FILES --name={Path(data_dir).name}")
+    try:
+        meta = json.loads(path.read_text())
+        missing = [k for k in ("tokenizer", "vocab_size", "dtype", "sep_id", "train_tokens", "val_tokens") if k not in meta]
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{path} is not valid meta.json ({e}); re-run prepare.py") from e
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; re-run prepare.py")
+    return meta
 
 
 def get_tokenizer_from_meta(meta):
@@ -127,9 +134,19 @@ def get_tokenizer_from_meta(meta):
 
 
 def load_split(data_dir, split, meta=None):
-    """train.bin or val.bin as a read-only memmap (split is "train" or "val")."""
+    """train.bin or val.bin as a read-only memmap, checked against meta.json (split is "train" or "val")."""
     meta = meta or load_meta(data_dir)
-    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; re-run prepare.py --name={Path(data_dir).name} ...")
+    size, n = path.stat().st_size, meta[f"{split}_tokens"]
+    expect = n * np.dtype(meta["dtype"]).itemsize
+    if size != expect:
+        raise ValueError(f"{path} holds {size} bytes but meta.json says {n} {meta['dtype']} tokens "
+                         f"({expect} bytes): the file is truncated or stale; re-run prepare.py")
+    if size == 0:
+        raise ValueError(f"{path} is empty; re-run prepare.py on more text")
+    return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 # -----------------------------------------------------------------------------
 # finding the documents

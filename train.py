@@ -11,6 +11,7 @@ or by --key=value (parsed with ast.literal_eval). An unknown key or a value of t
 stops the run before any work, naming the closest valid key.
 """
 import ast
+import builtins
 import difflib
 import json
 import math
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import prepare
 
 # -----------------------------------------------------------------------------------------------
 # defaults
@@ -80,14 +82,15 @@ dist_timeout_minutes = 10   # a collective that waits longer than this (a dead r
 # -----------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))}
 MODEL_KEYS = [f.name for f in fields(M.ModelConfig)]
-MODEL_TYPES = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
-               for f in fields(M.ModelConfig)}
+# the types of keys whose default is None ("not set"): the model fields, and two more
+NONE_TYPES = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+              for f in fields(M.ModelConfig)} | {"compile": bool, "lr_decay_iters": int}
 
 
 def check_value(key, value):
     """Raise a ValueError unless `value` fits the type of `key`'s default."""
     default = DEFAULTS[key]
-    want = type(default) if default is not None else MODEL_TYPES.get(key)
+    want = type(default) if default is not None else NONE_TYPES.get(key)
     if value is None and default is None or want is None:
         return value
     if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -112,7 +115,8 @@ def get_config(argv):
             if not os.path.isfile(arg):
                 raise ValueError(f"config file {arg!r} not found (arguments are config files or --key=value)")
             scope = {}
-            exec(compile_source(arg), {}, scope)  # a config file is trusted Python, like train.py itself
+            with open(arg) as f:  # a config file is trusted Python, like train.py itself
+                exec(builtins.compile(f.read(), arg, "exec"), {}, scope)  # (`compile` is a config key here)
             items = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
                      and type(v).__name__ != "module"}
         else:
@@ -131,42 +135,18 @@ def get_config(argv):
     return cfg
 
 
-def compile_source(path):
-    with open(path) as f:
-        return compile(f.read(), path, "exec")
-
-
 # -----------------------------------------------------------------------------------------------
 # data: see prepare.py for the format
-
-def load_split(data_dir, split, meta):
-    path = os.path.join(data_dir, f"{split}.bin")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing; run: python prepare.py --name={os.path.basename(data_dir)} ...")
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    size, expect = os.path.getsize(path), meta[f"{split}_tokens"] * itemsize
-    if size != expect:
-        raise ValueError(f"{path} holds {size} bytes but meta.json says {meta[f'{split}_tokens']} {meta['dtype']} "
-                         f"tokens ({expect} bytes): the file is truncated or stale; re-run prepare.py")
-    if size == 0:
-        raise ValueError(f"{path} is empty; re-run prepare.py on more text")
-    return np.memmap(path, dtype=meta["dtype"], mode="r")
-
 
 def load_dataset(cfg, rank):
     data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path) and cfg["dataset"] == "pystdlib" and rank == 0:
-        import prepare
         print(f"preparing the built-in corpus into {data_dir} (once)")
         prepare.prepare(name="pystdlib", tokenizer=cfg["tokenizer"], out_dir=cfg["data_root"])
     barrier()
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"no dataset at {data_dir} (meta.json missing); make one with: "
-                                f"python prepare.py --input=YOUR_TEXT_FILES --name={cfg['dataset']}")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    return meta, load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
+    meta = prepare.load_meta(data_dir)
+    return meta, prepare.load_split(data_dir, "train", meta), prepare.load_split(data_dir, "val", meta)
 
 
 def window_batch(data, starts, T, device):
@@ -349,18 +329,30 @@ def save_file(obj, path):
             os.remove(tmp)
 
 
+def find_checkpoint(out_dir, name="ckpt"):
+    """The newest of out_dir/NAME.pt (single process, DDP) and out_dir/NAME.dcp (FSDP, sharded), or None.
+    NAME.dcp.old is the previous sharded one, kept until its replacement is in place."""
+    found = [p for p in (f"{name}.pt", f"{name}.dcp", f"{name}.dcp.old") if os.path.exists(os.path.join(out_dir, p))]
+    return max((os.path.join(out_dir, p) for p in found), key=os.path.getmtime) if found else None
+
+
 def load_checkpoint(path):
+    """A .pt checkpoint as a dict, or for a sharded .dcp folder its small metadata plus {"dcp": path}
+    (the sharded tensors are loaded straight into the model and optimizer by restore())."""
+    path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
+    file = os.path.join(path, "extra.pt") if os.path.isdir(path) else path
     try:  # weights_only: a checkpoint is data; a file crafted to run code on load is refused
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
                          f"it is corrupted, truncated or not an anvil checkpoint") from e
+    return dict(ckpt, dcp=path) if os.path.isdir(path) else ckpt
 
 
-def load_weights(model, state):
-    """load_state_dict with an error that names the first mismatch (a different architecture)."""
+def check_weights(model, state):
+    """Name the first mismatch between a state dict and the model (a different architecture)."""
     own = model.state_dict()
     for k, v in state.items():
         if k not in own:
@@ -371,17 +363,50 @@ def load_weights(model, state):
     missing = [k for k in own if k not in state]
     if missing:
         raise ValueError(f"checkpoint lacks parameter {missing[0]!r} ({len(missing)} missing): a different architecture")
-    model.load_state_dict(state)
 
 
-def rng_state():
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def restore(ckpt, model, optimizer=None):
+    """Load weights (and optimizer state) from either checkpoint kind into a plain, DDP-free or FSDP
+    model: torch.distributed.checkpoint reshards, so the world size may differ from the saving run."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    opts = [optimizer] if optimizer is not None else []
+    if "dcp" in ckpt:
+        import torch.distributed.checkpoint as dcp
+        msd, osd = get_state_dict(model, opts)
+        state = {"model": msd, **({"optimizer": osd} if opts else {})}
+        dcp.load(state, checkpoint_id=ckpt["dcp"])
+        set_state_dict(model, opts, model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
+    else:
+        check_weights(model, ckpt["model"])
+        set_state_dict(model, opts, model_state_dict=ckpt["model"],
+                       optim_state_dict=ckpt["optimizer"] if opts else {},
+                       options=StateDictOptions(full_state_dict=True))
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def save_checkpoint(base, model, optimizer, extra, parallel, master):
+    """base.pt from rank 0 (single, DDP), or the sharded base.dcp folder written by all ranks (FSDP).
+    Either is complete before it replaces the previous one, so a crash mid-save loses nothing."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, [optimizer])
+    if parallel != "fsdp":
+        if master:
+            save_file({"model": msd, "optimizer": osd, **extra}, base + ".pt")
+        return barrier()
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    final, tmp = base + ".dcp", base + ".dcp.tmp"
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
+    if master:
+        save_file(extra, os.path.join(tmp, "extra.pt"))
+        if os.path.exists(final):
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
+        os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+    barrier()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -412,12 +437,13 @@ def train(cfg):
     B, A = cfg["batch_size"], cfg["gradient_accumulation_steps"]
     meta, train_data, val = load_dataset(cfg, rank)
 
-    ckpt, ckpt_path = None, os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt = None
     if cfg["init_from"] == "resume":
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"init_from='resume' but {ckpt_path} does not exist; "
+        path = find_checkpoint(cfg["out_dir"])
+        if path is None:
+            raise FileNotFoundError(f"init_from='resume' but {cfg['out_dir']} holds no ckpt.pt or ckpt.dcp; "
                                     f"use init_from='scratch' or point out_dir at the run to resume")
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(path)
     elif cfg["init_from"] != "scratch":
         ckpt = load_checkpoint(cfg["init_from"])
     mcfg = model_config(cfg, meta, ckpt["model_args"] if ckpt else None)
@@ -430,19 +456,18 @@ def train(cfg):
 
     model = build_model(cfg, mcfg, device, ptdtype, parallel, world)
     raw_model = model
-    if ckpt:
-        load_weights(model, ckpt["model"])
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(cfg, raw_model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
     step, best_val, bad_evals = 0, float("inf"), 0
-    if cfg["init_from"] == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
+    resuming = cfg["init_from"] == "resume"
+    if ckpt:  # resume: weights, optimizer and counters; fine-tune: weights only
+        restore(ckpt, raw_model, optimizer if resuming else None)
+    if resuming:
         scaler.load_state_dict(ckpt["scaler"])
         step, best_val, bad_evals = ckpt["step"], ckpt["best_val"], ckpt["bad_evals"]
-        set_rng_state(ckpt["rng"])
     ctx = (torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 and parallel != "fsdp"
            else nullcontext())  # FSDP casts through its MixedPrecisionPolicy instead
 
@@ -456,17 +481,15 @@ def train(cfg):
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
 
-    def save(path):
-        if master:
-            save_file({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "step": step, "best_val": best_val, "bad_evals": bad_evals,
-                       "config": cfg, "model_args": asdict(mcfg), "meta": meta, "rng": rng_state()}, path)
-        barrier()
+    def save(name):
+        extra = {"scaler": scaler.state_dict(), "step": step, "best_val": best_val, "bad_evals": bad_evals,
+                 "config": cfg, "model_args": asdict(mcfg), "meta": meta}
+        save_checkpoint(os.path.join(cfg["out_dir"], name), raw_model, optimizer, extra, parallel, master)
 
     summary = {"train_losses": [], "evals": [], "stopped_early": False}
     t0, dt_ema, start_step = time.time(), None, step
     while True:
-        resumed_here = step == start_step and ckpt is not None and cfg["init_from"] == "resume"
+        resumed_here = resuming and step == start_step
         if (step % cfg["eval_interval"] == 0 and not resumed_here) or step == cfg["max_iters"]:
             val_loss = evaluate(model, val, cfg, T, device, ctx, rank, world)
             improved = val_loss < best_val
@@ -478,9 +501,9 @@ def train(cfg):
                 with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
                     f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
             if cfg["save_checkpoints"] and step > start_step:
-                save(ckpt_path)
+                save("ckpt")
                 if improved:
-                    save(os.path.join(cfg["out_dir"], "best.pt"))
+                    save("best")
             if cfg["patience"] and bad_evals >= cfg["patience"]:
                 log(f"early stop: no improvement in {bad_evals} evaluations (best {best_val:.4f})")
                 summary["stopped_early"] = True
@@ -492,6 +515,7 @@ def train(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
         t_step = time.time()
+        torch.manual_seed(cfg["seed"] * 1_000_003 + step * 1009 + rank)  # dropout: a function of the step, so resume is exact
         loss_sum = torch.zeros((), device=device)
         for micro in range(A):
             x, y = window_batch(train_data, train_starts(cfg, len(train_data), T, step, micro, rank, world), T, device)

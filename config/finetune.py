@@ -1,0 +1,13 @@
+# Fine-tune a trained checkpoint on another corpus: the weights come from the checkpoint, the
+# optimizer and step start fresh, and early stopping keeps the best validation loss.
+#   python prepare.py --name=mycode --input=~/src/myproject   # your own text
+#   python train.py config/finetune.py
+init_from = "out/ckpt.pt"   # the pretrained checkpoint (its architecture is used)
+out_dir = "out-finetune"
+dataset = "mycode"
+learning_rate = 3e-4
+min_lr = 3e-5
+warmup_iters = 20
+max_iters = 500
+eval_interval = 50
+patience = 4                # stop after 4 evaluations without improvement

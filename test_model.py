@@ -1,0 +1,467 @@
+"""
+anvil's tests: model, training, data. Run: python -m pytest -q test_model.py
+Each test process uses one thread (torch.set_num_threads(1)) so that tests never fight over cores,
+and distributed tests launch torchrun with 2 ranks of one thread each.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+import prepare
+import train
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parent
+TIKTOKEN_CACHE = REPO.parent / "shared" / "tiktoken-cache"  # the repo's ../shared, with gpt2 in it
+
+# a small GPT-2 style and a small LLaMA style (GQA) config, for quick checks of both paths
+SMALL = {
+    "gpt2": dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32),
+    "llama": dict(M.PRESETS["llama-50m"], vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
+                  n_embd=32, multiple_of=16),
+}
+
+
+def small_model(style, seed=0, **kw):
+    torch.manual_seed(seed)
+    return M.Transformer(M.ModelConfig(**{**SMALL[style], **kw})).eval()
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """The built-in corpus, prepared once for the whole session."""
+    root = tmp_path_factory.mktemp("data")
+    prepare.prepare(out_dir=root, quiet=True)
+    return root
+
+
+def tiny_cfg(data_root, out_dir, **kw):
+    """A train.py config for a quick CPU run on pystdlib."""
+    cfg = dict(train.DEFAULTS)
+    cfg.update(data_root=str(data_root), out_dir=str(out_dir), n_layer=2, n_embd=64, n_head=4, block_size=64,
+               batch_size=8, max_iters=20, eval_interval=10, eval_iters=2, log_interval=100, warmup_iters=5,
+               learning_rate=3e-3, threads=1, device="cpu")
+    cfg.update(kw)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_shapes(style):
+    m = small_model(style)
+    x = torch.randint(0, 97, (3, 20))
+    logits, loss = m(x, x)
+    assert logits.shape == (3, 20, 97) and loss.shape == ()
+    logits, loss = m(x)
+    assert logits.shape == (3, 20, 97) and loss is None
+    with pytest.raises(ValueError, match="block_size"):
+        m(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_causality(style):
+    m = small_model(style)
+    x = torch.randint(0, 97, (2, 24))
+    y = x.clone()
+    y[:, 15:] = (y[:, 15:] + 1) % 97  # change every token from position 15 on
+    a, b = m(x)[0], m(y)[0]
+    assert torch.equal(a[:, :15], b[:, :15])  # earlier positions never see the future
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+@pytest.mark.parametrize("name,count", [
+    ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
+    ("gpt2-xl", 1_557_611_200), ("llama-7b", 6_738_415_616),
+    ("llama-1b", 1_100_048_384),  # TinyLlama-1.1B's published count
+])
+def test_param_counts(name, count):
+    with torch.device("meta"):
+        m = M.Transformer(M.config_from_preset(name))
+    assert m.num_params() == count
+
+
+def test_all_presets_build_on_meta():
+    for name in M.PRESETS:
+        with torch.device("meta"):
+            m = M.Transformer(M.config_from_preset(name))
+        assert m.num_params() > 0 and all(p.is_meta for p in m.parameters())
+
+
+def test_swiglu_hidden_follows_llama_rule():
+    assert M.config_from_preset("llama-7b").ffn_hidden == 11008
+    assert M.config_from_preset("gpt2").ffn_hidden == 3072
+
+
+def test_norms_and_attention_match_pytorch_reference():
+    # our attention with one KV head per query head equals nn.MultiheadAttention with the same weights
+    cfg = M.ModelConfig(**SMALL["gpt2"])
+    att = M.Attention(cfg)
+    torch.nn.init.normal_(att.q.bias), torch.nn.init.normal_(att.kv.bias)
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([att.q.weight, att.kv.weight]))
+        ref.in_proj_bias.copy_(torch.cat([att.q.bias, att.kv.bias]))
+        ref.out_proj.weight.copy_(att.proj.weight), ref.out_proj.bias.copy_(att.proj.bias)
+    x = torch.randn(2, 10, 32)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(10)
+    expect = ref(x, x, x, attn_mask=mask, need_weights=False)[0]
+    torch.testing.assert_close(att(x), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv():
+    # GQA with 2 KV heads == MHA whose K/V weights repeat each KV head for its 2 query heads
+    g = M.Attention(M.ModelConfig(**{**SMALL["llama"], "n_kv_head": 2}))
+    m = M.Attention(M.ModelConfig(**{**SMALL["llama"], "n_kv_head": 4}))
+    with torch.no_grad():
+        m.q.weight.copy_(g.q.weight), m.proj.weight.copy_(g.proj.weight)
+        k, v = g.kv.weight.view(2, 2, 8, 32)  # (k|v, Hkv, D, C)
+        m.kv.weight.copy_(torch.cat([k.repeat_interleave(2, 0), v.repeat_interleave(2, 0)]).view(64, 32))
+    x = torch.randn(2, 10, 32)
+    rope = M.rope_cache(g.cfg)
+    torch.testing.assert_close(g(x, rope), m(x, rope), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_kv_cache_greedy_equals_full_recompute(style):
+    m = small_model(style)
+    prompt = torch.randint(0, 97, (2, 5))
+    a = m.generate(prompt, 25, temperature=0, use_cache=True)
+    b = m.generate(prompt, 25, temperature=0, use_cache=False)
+    assert a.shape == (2, 30) and torch.equal(a, b)
+    # the cached logits themselves match the full forward pass
+    cache = m.new_cache(2, "cpu", torch.float32)
+    full = m(a[:, :20])[0]
+    m(a[:, :12], cache=cache, pos=0)
+    step = m(a[:, 12:20], cache=cache, pos=12)[0]  # a multi-token chunk after a prefix
+    torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    g = torch.Generator().manual_seed(0)
+    assert M.sample_next(logits, 0).item() == 1
+    assert all(M.sample_next(logits, 1.0, top_k=1, generator=g).item() == 1 for _ in range(20))
+    draws = {M.sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {1, 3}
+    draws = {M.sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(200)}
+    assert draws == {1, 3}  # 1 alone has p~0.49 < 0.5, so the nucleus needs 3 too
+    assert {M.sample_next(logits, 1.0, top_p=0.4, generator=g).item() for _ in range(50)} == {1}
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="n_embd=30 is not divisible by n_head=4"):
+        M.ModelConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="n_head=6 is not divisible by n_kv_head=4"):
+        M.ModelConfig(n_embd=48, n_head=6, n_kv_head=4)
+    with pytest.raises(ValueError, match="unknown model preset 'gtp2'"):
+        M.config_from_preset("gtp2")
+
+
+def test_init_is_per_parameter_and_scaled():
+    a, b = small_model("llama", seed=1), small_model("llama", seed=2)  # global RNG does not matter
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    m = M.Transformer(M.ModelConfig(**{**SMALL["gpt2"], "n_layer": 8}))
+    std_proj = m.blocks[0].attn.proj.weight.std().item()
+    assert abs(std_proj - 0.02 / 4) < 0.002 and abs(m.blocks[0].attn.q.weight.std().item() - 0.02) < 0.003
+    m.init_weights(seed=1)
+    assert not torch.equal(m.blocks[0].attn.q.weight, a.blocks[0].attn.q.weight[:m.blocks[0].attn.q.weight.shape[0]])
+
+
+def test_flops_per_token_gpt2_matches_6n_rule():
+    cfg = M.config_from_preset("gpt2")
+    with torch.device("meta"):
+        n = M.Transformer(cfg).num_params(non_embedding=True)
+    # 6 * (non-embedding params + tied head) + 12 * L * C * T: the PaLM / nanoGPT estimate, minus
+    # the norms and biases, which do no matmul
+    approx = 6 * (n + cfg.vocab_size * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    assert abs(M.flops_per_token(cfg) - approx) / approx < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+
+def test_config_overrides_and_files(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("batch_size = 4\nlearning_rate = 1e-3  # a comment\nmodel = 'gpt2'\n")
+    cfg = train.get_config([str(f), "--batch_size=8", "--dataset=shakespeare", "--compile=True", "--min_lr=0"])
+    assert (cfg["batch_size"], cfg["learning_rate"], cfg["model"]) == (8, 1e-3, "gpt2")
+    assert cfg["dataset"] == "shakespeare" and cfg["compile"] is True and cfg["min_lr"] == 0.0
+    assert cfg["max_iters"] == train.DEFAULTS["max_iters"]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--batch_sise=8"], "unknown config key 'batch_sise'; did you mean 'batch_size'"),
+    (["--learnig_rate=1e-3"], "did you mean 'learning_rate'"),
+    (["--batch_size=8.5"], "'batch_size' expects int"),
+    (["--batch_size=big"], "'batch_size' expects int"),
+    (["--compile=1"], "'compile' expects bool"),
+    (["--n_layer=two"], "'n_layer' expects int"),
+    (["--max_iters"], "must look like --key=value"),
+    (["nope.py"], "config file 'nope.py' not found"),
+])
+def test_config_errors(argv, match):
+    with pytest.raises(ValueError, match=match):
+        train.get_config(argv)
+
+
+def test_config_file_unknown_key(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("import math\nn_layers = 4\n")
+    with pytest.raises(ValueError, match="'n_layers'; did you mean 'n_layer'"):
+        train.get_config([str(f)])
+
+
+def test_cli_config_error_is_one_line_before_any_work(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), "--eval_intreval=5"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "did you mean 'eval_interval'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+
+def test_loss_falls_on_pystdlib(data_root, tmp_path):
+    s = train.train(tiny_cfg(data_root, tmp_path, max_iters=150, eval_interval=75, batch_size=16, learning_rate=1e-2))
+    (s0, v0), (_, v_mid), (_, v_end) = s["evals"]
+    assert s0 == 0 and v0 > 5.0  # ln(257) = 5.55: untrained
+    assert v_end < v_mid < 3.0 and v_end < 2.8, s["evals"]  # below a unigram byte model (~3.0)
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert {"step", "loss", "lr", "tok_s", "mfu", "ms_step", "eta_s"} <= set(log[-1]) | set(log[-2])
+
+
+def test_exact_resume(data_root, tmp_path):
+    common = dict(max_iters=12, eval_interval=6, lr_decay_iters=12, dropout=0.1, gradient_accumulation_steps=2)
+    full = train.train(tiny_cfg(data_root, tmp_path / "a", **common))
+    half = train.train(tiny_cfg(data_root, tmp_path / "b", **{**common, "max_iters": 6}))
+    rest = train.train(tiny_cfg(data_root, tmp_path / "b", **common, init_from="resume"))
+    assert half["train_losses"] + rest["train_losses"] == full["train_losses"]  # bit for bit
+    a, b = full["model"].state_dict(), rest["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ca = train.load_checkpoint(tmp_path / "a" / "ckpt.pt")
+    cb = train.load_checkpoint(tmp_path / "b" / "ckpt.pt")
+    assert ca["step"] == cb["step"] == 12
+    for name, st in ca["optimizer"]["state"].items():  # keyed by parameter name
+        assert all(torch.equal(st[k], cb["optimizer"]["state"][name][k]) for k in st), name
+
+
+def test_checkpoint_contents(data_root, tmp_path):
+    train.train(tiny_cfg(data_root, tmp_path, max_iters=10, eval_interval=5, compile=False))
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain data, no code on load
+    assert ck["step"] == 10 and ck["config"]["max_iters"] == 10 and ck["config"]["out_dir"] == str(tmp_path)
+    assert ck["meta"]["tokenizer"] == "bytes" and ck["model_args"]["n_layer"] == 2
+    assert (tmp_path / "best.pt").exists()
+    # compiled in place: the keys are the plain module's (no _orig_mod.)
+    cfg = tiny_cfg(data_root, tmp_path, compile=True)
+    mcfg = M.ModelConfig(**ck["model_args"])
+    compiled = train.build_model(cfg, mcfg, torch.device("cpu"), torch.float32, "single", 1)
+    assert list(compiled.state_dict()) == list(ck["model"])
+    assert not any("_orig_mod" in k for k in compiled.state_dict())
+
+
+def test_atomic_checkpoint_write(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.save_file({"step": 1, "w": torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial garbage")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space left"):
+        train.save_file({"step": 2, "w": torch.zeros(3)}, path)
+    assert train.load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # and no temporary file is left behind
+
+
+def test_finetune_from_checkpoint_and_early_stopping(data_root, tmp_path):
+    train.train(tiny_cfg(data_root, tmp_path / "pre", max_iters=10, eval_interval=5))
+    ck = train.load_checkpoint(tmp_path / "pre" / "ckpt.pt")
+    # a fine-tune starts from the weights (val loss at step 0 equals the checkpoint's) with a fresh
+    # optimizer at step 0; with lr 0 nothing improves, so patience=2 stops it after two more evals
+    s = train.train(tiny_cfg(data_root, tmp_path / "ft", init_from=str(tmp_path / "pre" / "ckpt.pt"),
+                             learning_rate=0.0, min_lr=0.0, max_iters=50, eval_interval=5, patience=2))
+    assert s["evals"][0][1] == pytest.approx(ck["best_val"], abs=1e-6)
+    assert s["stopped_early"] and [st for st, _ in s["evals"]] == [0, 5, 10] and s["step"] == 10
+    with pytest.raises(ValueError, match="different architecture"):
+        train.check_weights(small_model("gpt2"), ck["model"])
+
+
+def test_bad_data_rejected_before_training(data_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare.py"):
+        train.train(tiny_cfg(tmp_path, tmp_path / "o", dataset="nothing_here"))
+    with pytest.raises(ValueError, match="block_size"):
+        train.train(tiny_cfg(data_root, tmp_path / "o", block_size=500_000))
+    with pytest.raises(ValueError, match="smaller than the dataset's vocabulary"):
+        train.train(tiny_cfg(data_root, tmp_path / "o", vocab_size=200))
+    bad = tmp_path / "bad" / "trunc"
+    bad.mkdir(parents=True)
+    for f in ("meta.json", "train.bin", "val.bin"):
+        (bad / f).write_bytes((Path(data_root) / "pystdlib" / f).read_bytes()[:1000 if f == "val.bin" else None])
+    with pytest.raises(ValueError, match="truncated"):
+        train.train(tiny_cfg(tmp_path / "bad", tmp_path / "o", dataset="trunc"))
+
+
+def test_sample_cli(data_root, tmp_path):
+    train.train(tiny_cfg(data_root, tmp_path, max_iters=5, eval_interval=5))
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={tmp_path / 'ckpt.pt'}", "--start=def ",
+                        "--num_samples=2", "--max_new_tokens=20", "--temperature=0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    samples = [s for s in r.stdout.split("\n") if s.startswith("def ")]
+    assert len(samples) == 2 and samples[0] == samples[1]  # greedy: the same both times
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare.py
+
+def _docs(arr, sep_id):
+    """Split a .bin array into its documents (each one separator-terminated)."""
+    assert len(arr) == 0 or arr[-1] == sep_id
+    cuts = np.flatnonzero(arr == sep_id)
+    return np.split(arr, cuts + 1)[:-1]
+
+
+def test_pystdlib_split_and_format(tmp_path):
+    folder = Path(prepare.prepare(out_dir=tmp_path, quiet=True))
+    assert folder == tmp_path / "pystdlib"
+    meta = prepare.load_meta(folder)
+    assert set(meta) == {"tokenizer", "vocab_size", "dtype", "sep_id", "train_tokens", "val_tokens",
+                         "train_docs", "val_docs", "source"}
+    assert (meta["tokenizer"], meta["vocab_size"], meta["sep_id"], meta["dtype"]) == ("bytes", 257, 256, "uint16")
+    assert not list(folder.glob("*.tmp*"))
+
+    files = prepare.pystdlib_files()
+    assert files == sorted(files) and len(files) > 100
+    for rel, _ in files:
+        assert rel.endswith(".py")
+        assert not {"test", "tests", "idlelib", "site-packages", "__pycache__"} & set(rel.split("/"))
+
+    val_files = [f for i, f in enumerate(files) if i % 20 == 0]
+    train_files = [f for i, f in enumerate(files) if i % 20 != 0]
+    for split, expect in (("train", train_files), ("val", val_files)):
+        arr = prepare.load_split(folder, split, meta)
+        assert arr.dtype == np.uint16
+        assert os.path.getsize(folder / f"{split}.bin") == 2 * meta[f"{split}_tokens"] == 2 * len(arr)
+        assert int((arr == 256).sum()) == meta[f"{split}_docs"] == len(expect)
+        assert arr.max() <= 256
+        docs = _docs(np.asarray(arr), 256)
+        # spot-check documents against their files: first, second and last of each split
+        for k in (0, 1, -1):
+            text = Path(expect[k][1]).read_bytes().decode("utf-8", errors="replace")
+            assert docs[k][:-1].astype(np.uint8).tobytes() == text.encode("utf-8"), expect[k][0]
+
+
+def _small_corpus(root):
+    (root / "c").mkdir(parents=True)
+    (root / "c" / "b.txt").write_text("second file\n")
+    (root / "c" / "a.md").write_text("first file, ünïcode ✓\n")
+    (root / "c" / "skip.bin").write_bytes(b"\x00\x01 not a text extension")
+    (root / "c" / "d.jsonl").write_text("\n".join(json.dumps({"text": f"line {i}"}) for i in range(25)) + "\n\n")
+    (root / "z.txt").write_text("")  # an empty document is still a document
+    # sorted by path: c/a.md, c/b.txt, c/d.jsonl (25 lines, in order), z.txt
+    return ["first file, ünïcode ✓\n", "second file\n"] + [f"line {i}" for i in range(25)] + [""]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_custom_corpus_roundtrip(tmp_path, workers):
+    texts = _small_corpus(tmp_path / "in")
+    folder = prepare.prepare("small", [str(tmp_path / "in" / "c"), str(tmp_path / "in" / "z.*")],
+                             out_dir=tmp_path / "out", workers=workers, quiet=True)
+    meta = prepare.load_meta(folder)
+    tok = prepare.get_tokenizer_from_meta(meta)
+    train, val = (np.fromfile(Path(folder) / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val"))
+    assert (meta["train_docs"], meta["val_docs"]) == (26, 2)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
+    val_docs, train_docs = _docs(val, tok.sep_id), _docs(train, tok.sep_id)
+    # put the documents back in input order: index i % 20 == 0 came from val
+    docs = [val_docs.pop(0) if i % 20 == 0 else train_docs.pop(0) for i in range(len(texts))]
+    assert [tok.decode(d.tolist()) for d in docs] == texts
+    assert tok.decode(train.tolist()) == "".join(t for i, t in enumerate(texts) if i % 20)
+
+
+def test_dtype_choice():
+    assert prepare.dtype_for_vocab(257) == np.uint16
+    assert prepare.dtype_for_vocab(65536) == np.uint16
+    assert prepare.dtype_for_vocab(65537) == np.uint32
+    assert prepare.dtype_for_vocab(200019) == np.uint32
+
+
+def test_bytes_tokenizer():
+    tok = prepare.get_tokenizer("bytes")
+    s = "héllo ✓ wörld"
+    assert tok.encode(s) == list(s.encode("utf-8"))
+    assert tok.decode(tok.encode(s) + [256, 300]) == s  # separator and out-of-range ids dropped
+    with pytest.raises(ValueError, match="gpt2"):  # an unknown name lists the valid ones
+        prepare.get_tokenizer("no-such-tokenizer")
+
+
+def test_tiktoken_gpt2_roundtrip(tmp_path, monkeypatch):
+    pytest.importorskip("tiktoken")
+    if TIKTOKEN_CACHE.is_dir():
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    try:
+        tok = prepare.get_tokenizer("gpt2")
+    except RuntimeError as e:
+        pytest.skip(f"gpt2 encoding not available offline: {e}")
+    assert (tok.vocab_size, tok.sep_id) == (50257, 50256)
+    s = "def f(x):\n    return x ** 2  # <|endoftext|> stays text ✓\n"
+    ids = tok.encode(s)
+    assert 50256 not in ids and tok.decode(ids) == s
+    assert tok.decode(ids + [50256, 70000]) == s + "<|endoftext|>"
+    # a small corpus through the worker pool
+    texts = _small_corpus(tmp_path / "in")
+    folder = prepare.prepare("g", [str(tmp_path / "in")], tokenizer="gpt2", out_dir=tmp_path / "out",
+                             workers=2, quiet=True)
+    meta = prepare.load_meta(folder)
+    assert (meta["tokenizer"], meta["dtype"], meta["sep_id"]) == ("gpt2", "uint16", 50256)
+    train = prepare.load_split(folder, "train")
+    assert int((train == 50256).sum()) == meta["train_docs"] == 26
+    assert tok.decode(train.tolist()) == "<|endoftext|>".join(t for i, t in enumerate(texts) if i % 20) + "<|endoftext|>"
+
+
+def test_tiktoken_offline_message(tmp_path, monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+    import tiktoken.load
+    import tiktoken.registry
+
+    def no_network(blobpath):
+        raise ConnectionError(f"simulated: no network for {blobpath}")
+
+    # an empty cache and no network, whatever this machine really has; and forget any
+    # encoding object tiktoken already built in this process
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, "cl100k_base", raising=False)
+    with pytest.raises(RuntimeError) as e:
+        prepare.get_tokenizer("cl100k_base")
+    msg = str(e.value)
+    assert "cl100k_base" in msg and "TIKTOKEN_CACHE_DIR" in msg and "--tokenizer=bytes" in msg
+
+
+def test_missing_input_and_failed_build(tmp_path):
+    missing = str(tmp_path / "nope" / "*.txt")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        prepare.prepare("x", [missing], out_dir=tmp_path, quiet=True)
+    # the CLI says the same in one line, without a traceback
+    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--name=x", f"--input={missing}",
+                        f"--out_dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and missing in r.stderr and "Traceback" not in r.stderr
+    # a build that fails half-way leaves no corpus that looks complete (meta.json is the marker)
+    (tmp_path / "ok.txt").write_text("fine")
+    prepare.prepare("y", [str(tmp_path / "ok.txt")], out_dir=tmp_path / "out", quiet=True)
+    assert (tmp_path / "out" / "y" / "meta.json").exists()
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"no_text": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        prepare.prepare("y", [str(tmp_path / "ok.txt"), str(tmp_path / "bad.jsonl")],
+                        out_dir=tmp_path / "out", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "out" / "y").iterdir()) == ["train.bin", "val.bin"]
