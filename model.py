@@ -212,6 +212,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self):
+        """Rebuild what to_empty() loses: the tied head (it unties shared weights) and the RoPE tables."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
         if self.cfg.pos == "rope":
             device = self.tok_emb.weight.device
             self.rope_cos, self.rope_sin = rope_cache(self.cfg, device="cpu" if device.type == "meta" else device)

@@ -465,3 +465,133 @@ def test_missing_input_and_failed_build(tmp_path):
         prepare.prepare("y", [str(tmp_path / "ok.txt"), str(tmp_path / "bad.jsonl")],
                         out_dir=tmp_path / "out", quiet=True)
     assert sorted(p.name for p in (tmp_path / "out" / "y").iterdir()) == ["train.bin", "val.bin"]
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed: 2 ranks on CPU with gloo, launched with torchrun from the test. A launch costs ~8 s,
+# so each launch runs several checks (dist_worker below) and writes results for the test to compare.
+
+DIST = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=64, batch_size=4, gradient_accumulation_steps=2,
+            max_iters=6, eval_interval=3, eval_iters=2, warmup_iters=2, lr_decay_iters=8, threads=1)
+
+
+def full_state(model):
+    """The whole (unsharded) state dict on every rank, as plain CPU tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+
+def dist_worker(phase, data_root, out):
+    """Runs under torchrun (2 ranks); results go to out/ as .pt files written by rank 0."""
+    out = Path(out)
+    rank = int(os.environ["RANK"])
+    res = {}
+
+    def run(name, **kw):
+        cfg = tiny_cfg(data_root, out / name, **{**DIST, **kw})
+        s = train.train(cfg)
+        res[name] = {"losses": s["train_losses"], "evals": s["evals"], "state": full_state(s["model"])}
+
+    if phase == "1":
+        run("ddp", parallel="ddp")
+        run("fsdp", parallel="fsdp")
+        run("fsdp_bf16", parallel="fsdp", dtype="bfloat16")
+        run("fsdp_ac", parallel="fsdp", activation_checkpointing="full")
+        run("fsdp_ckpt", parallel="fsdp", max_iters=3)  # leaves out/fsdp_ckpt/ckpt.dcp at step 3
+        # meta-device init, sharded, equals a single-process init with the same seed
+        cfg = tiny_cfg(data_root, out, **DIST)
+        mcfg = M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size")})
+        m = train.build_model(cfg, mcfg, torch.device("cpu"), torch.float32, "fsdp", 2)
+        res["init"] = full_state(m)
+        res["init_local"] = {n: tuple(p.to_local().shape) for n, p in m.named_parameters()}
+        # LLaMA-7B: sharded on the meta device; nothing is materialised
+        import resource
+        with torch.device("meta"):
+            big = M.Transformer(M.config_from_preset("llama-7b"))
+        from torch.distributed.fsdp import fully_shard
+        for block in big.blocks:
+            fully_shard(block)
+        fully_shard(big)
+        res["7b"] = {"params": {n: (tuple(p.shape), tuple(p.to_local().shape), p.to_local().is_meta)
+                                for n, p in big.named_parameters()},
+                     "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    else:  # a fresh launch resumes what phase 1 and the single-process test left behind
+        run("fsdp_ckpt", parallel="fsdp", init_from="resume")
+        run("single_to_fsdp", parallel="fsdp", init_from="resume")
+    if rank == 0:
+        torch.save(res, out / f"phase{phase}.pt")
+
+
+def torchrun(phase, data_root, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "test_model.py"), "dist", phase, str(data_root), str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return torch.load(Path(out) / f"phase{phase}.pt", weights_only=True)
+
+
+def assert_close_states(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+def test_distributed_matches_single_process(data_root, tmp_path):
+    one = train.train(tiny_cfg(data_root, tmp_path / "single", **{**DIST, "batch_size": 8}))  # same global batch
+    single = {"losses": one["train_losses"], "state": {k: v.clone() for k, v in one["model"].state_dict().items()}}
+    # the single process also checkpoints at step 3, for phase 2 to resume under FSDP (.pt -> sharded)
+    train.train(tiny_cfg(data_root, tmp_path / "single_to_fsdp", **{**DIST, "max_iters": 3, "batch_size": 8}))
+    p1 = torchrun("1", data_root, tmp_path)
+
+    for name in ("ddp", "fsdp", "fsdp_ac"):
+        np.testing.assert_allclose(p1[name]["losses"], single["losses"], atol=1e-5, rtol=0, err_msg=name)
+        assert_close_states(p1[name]["state"], single["state"], atol=1e-4)
+    np.testing.assert_allclose(p1["fsdp_bf16"]["losses"], single["losses"], atol=1e-2, rtol=0)  # see note below
+
+    # initialisation: sharded on meta, materialised, equal to single-process init; each rank holds half
+    init = M.Transformer(M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size")}))
+    init.init_weights(DIST.get("seed", train.DEFAULTS["seed"]))
+    assert_close_states(p1["init"], init.state_dict(), atol=0)
+    assert p1["init_local"]["blocks.0.attn.kv.weight"] == (32, 64)  # 64 rows of K and V, split across 2 ranks
+
+    # llama-7b: every parameter sharded in half along dim 0, nothing allocated
+    params = p1["7b"]["params"]
+    assert len(params) == 32 * 7 + 3
+    for name, (full, local, is_meta) in params.items():
+        assert local[0] == (full[0] + 1) // 2 and local[1:] == full[1:] and is_meta, name
+    assert p1["7b"]["maxrss_mb"] < 4000  # the full model would be 27,000 MB in fp32
+
+    # resume: FSDP at step 3 -> a fresh 2-rank launch, and -> a single process; single .pt -> FSDP
+    import shutil
+    shutil.copytree(tmp_path / "fsdp_ckpt", tmp_path / "fsdp_ckpt_ws1")  # phase 2 moves the original on
+    p2 = torchrun("2", data_root, tmp_path)
+    fsdp_resumed = p1["fsdp_ckpt"]["losses"] + p2["fsdp_ckpt"]["losses"]
+    assert fsdp_resumed == p1["fsdp"]["losses"]  # exact, bit for bit
+    assert_close_states(p2["fsdp_ckpt"]["state"], p1["fsdp"]["state"], atol=0)
+    np.testing.assert_allclose(p2["single_to_fsdp"]["losses"], single["losses"][3:], atol=1e-5, rtol=0)
+    ws1 = train.train(tiny_cfg(data_root, tmp_path / "fsdp_ckpt_ws1", **{**DIST, "batch_size": 8, "init_from": "resume"}))
+    np.testing.assert_allclose(ws1["train_losses"], single["losses"][3:], atol=1e-5, rtol=0)
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    cfg = dict(train.DEFAULTS, activation_checkpointing="full", compile=False)
+    mcfg = M.ModelConfig(**SMALL["llama"])
+    plain = train.build_model(dict(cfg, activation_checkpointing="none"), mcfg, torch.device("cpu"), torch.float32, "single", 1)
+    ac = train.build_model(cfg, mcfg, torch.device("cpu"), torch.float32, "single", 1)
+    assert list(ac.state_dict()) == list(plain.state_dict())  # names unchanged by the wrapper
+    x = torch.randint(0, 97, (2, 32))
+    losses = []
+    for m in (plain, ac):
+        _, loss = m(x, x)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == losses[1]
+    for (n, p), q in zip(plain.named_parameters(), ac.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["dist"]:
+    dist_worker(*sys.argv[2:])
+    torch.distributed.destroy_process_group()

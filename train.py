@@ -413,11 +413,12 @@ def save_checkpoint(base, model, optimizer, extra, parallel, master):
 
 @torch.no_grad()
 def evaluate(model, val, cfg, T, device, ctx, rank, world):
-    """Mean loss over the fixed validation windows, each rank taking every world-th batch."""
+    """Mean loss over eval_iters fixed batches of validation windows per rank."""
     model.eval()
-    starts = eval_starts(len(val), T, cfg["eval_iters"] * cfg["batch_size"])
+    n_batches = cfg["eval_iters"] * world  # the same windows at every world size with the same global batch
+    starts = eval_starts(len(val), T, n_batches * cfg["batch_size"])
     total = torch.zeros(2, device=device, dtype=torch.float64)
-    for i in range(rank, cfg["eval_iters"], world):
+    for i in range(rank, n_batches, world):
         x, y = window_batch(val, starts[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]], T, device)
         with ctx:
             _, loss = model(x, y)

@@ -1,0 +1,322 @@
+"""
+Benchmark anvil's training step, or estimate the memory of a run too big for this machine.
+
+    python bench.py                                      # the quickstart model: tiny, batch 32, block 256
+    python bench.py --model=gpt2 --block_size=256 --batch_size=4 --compare compile=False,compile=True
+    python bench.py config/my_run.py --json=bench.json --profile
+    python bench.py --estimate llama-7b --gpus 64 --parallel fsdp --batch_size=1
+
+Every argument that is not a bench option goes to train.get_config, so presets, config files and
+--key=value mean exactly what they mean to train.py, and the model is built by train.py's own
+functions (compile, dtype, activation checkpointing behave the same). Bench options:
+  --steps=N (10), --warmup=N (3)  timed and untimed steps, per variant
+  --synthetic          random token ids, the preset's vocabulary (also used when the dataset is not
+                       prepared). Otherwise the batches are windows of the dataset, as in train.py.
+  --compare=A,B,...    variants, each key=value[+key=value...], built once and timed in alternating
+                       rounds (A B, B A, ...) so their ratio survives a noisy machine
+  --json               print only one JSON object on stdout (the log goes to stderr); --json=PATH
+                       writes it to PATH and keeps the log on stdout
+  --profile[=PATH]     a torch.profiler chrome trace of 3 steps (default bench_trace.json)
+  --peak_tflops=X      MFU against X TFLOP/s instead of model.peak_flops (spec table or measured)
+  --estimate[=PRESET] --gpus=N   per-GPU memory of params, grads, AdamW state and activations;
+                       allocates nothing. --parallel, --dtype, --batch_size, --block_size apply.
+A bench option or train.py key that takes a value may also be given as '--key value'.
+"""
+import ast
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext, redirect_stdout
+from dataclasses import asdict
+
+import torch
+
+import model as M
+import train
+
+OPTIONS = dict(steps=10, warmup=3, synthetic=False, compare=None, json=None, profile=None, peak_tflops=None,
+               estimate=None, gpus=1)
+FLAGS = ("synthetic", "json", "profile", "estimate")  # may stand alone
+STRINGS = ("compare", "json", "profile", "estimate")  # taken verbatim; the others via ast.literal_eval
+
+
+def parse_args(argv):
+    """Split argv into bench options and the arguments for train.get_config."""
+    opts, rest, argv = dict(OPTIONS), [], list(argv)
+    while argv:
+        arg = argv.pop(0)
+        key = arg[2:].partition("=")[0]
+        if arg.startswith("--") and "=" not in arg and argv and not argv[0].startswith("--") and (
+                key not in FLAGS or key == "estimate" and argv[0] in M.PRESETS):
+            arg = f"{arg}={argv.pop(0)}"  # '--gpus 64' -> '--gpus=64'; a lone --key is never valid otherwise
+        if arg.startswith("--") and key in opts:
+            raw = arg.partition("=")[2]
+            opts[key] = True if "=" not in arg else raw if key in STRINGS else ast.literal_eval(raw)
+        else:
+            rest.append(arg)
+    if isinstance(opts["estimate"], str):
+        rest.insert(0, f"--model={opts['estimate']}")  # --estimate llama-7b is --model=llama-7b --estimate
+    return opts, rest
+
+
+def model_config(cfg, meta):
+    if meta is None:  # synthetic data, or an estimate: the preset's own vocabulary unless --vocab_size
+        return M.config_from_preset(cfg["model"], **{k: cfg[k] for k in train.MODEL_KEYS if cfg.get(k) is not None})
+    return train.model_config(cfg, meta)
+
+
+# -----------------------------------------------------------------------------------------------
+# memory estimate: arithmetic only, per GPU (per process), in bytes
+
+def count_params(mcfg):
+    """(all parameters, one block's) counted exactly on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        m = M.Transformer(mcfg)
+    return m.num_params(), sum(p.numel() for p in m.blocks[0].parameters())
+
+
+def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activation_checkpointing):
+    """Bytes per GPU (per process) for train.py's setup: fp32 master weights and gradients, AdamW's two
+    fp32 states, activations at the per-GPU batch and sequence length, and other buffers; `total` is
+    the estimated peak. activation_checkpointing: 'none'/'full' (or False/True)."""
+    n, n_block = count_params(mcfg)
+    n_rest = n - mcfg.n_layer * n_block  # embeddings, final norm, LM head (FSDP's root unit)
+    e = (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize  # compute dtype bytes
+    shard = world if parallel == "fsdp" else 1
+    ckpt = activation_checkpointing in (True, "full")
+    s, b, h, f, a, V = seq_len, batch_size, mcfg.n_embd, mcfg.ffn_hidden, mcfg.n_head, mcfg.vocab_size
+
+    # Activations saved for backward, after Korthikanti et al. 2022 ("Reducing activation recomputation"),
+    # who count sbh(34 + 5as/h) bytes per 16-bit GPT layer. Here dropout is 0 (no masks), and SDPA's
+    # flash / memory-efficient kernels keep q, k, v, the output and an fp32 logsumexp (4as bytes) instead
+    # of the s x s softmax, so the 5as/h term is gone. What this model keeps per layer, counted with
+    # saved_tensors_hooks on torch 2.13, in units of s*b*h elements:
+    amp = e < 4 and parallel != "fsdp"  # autocast; FSDP instead runs the whole model in its param dtype
+    R = 4 if amp else e  # the residual stream: under autocast fp32 (fp32 embeddings, promoting adds)
+    norm = R if mcfg.norm == "layernorm" else 8  # the input; RMSNorm keeps fp32 copies of x and x*rstd
+    attn = ((2 if amp else 1)  # the normed input: autocast casts it once for q and once for kv
+            + 4                  # q, k, v (or the kv projection they are views of), the output
+            + (1 if mcfg.pos == "rope" and mcfg.n_kv_head == mcfg.n_head else 0)  # RoPE'd k is a copy, v
+            # still holds the whole kv projection (with GQA both are repeat_interleave copies instead)
+            + (1 if mcfg.pos == "rope" else 0))  # RoPE'd q makes SDPA's output (B,H,T,D): proj copies it
+    mlp = 1 + (4 if mcfg.mlp == "swiglu" else 2) * f / h  # input; GELU in+out; SwiGLU up, silu(gate), product
+    copies = e if amp else 0  # autocast's low-precision weight copies are saved for backward too
+    layer = s * b * h * (2 * norm + e * (attn + mlp)) + 4 * a * s * b + copies * n_block
+    # the head: final norm, LM-head input, logits (kept by the caller), the fp32 log-softmax, and at the
+    # start of backward the two dense fp32 (b, s, V) gradients of the loss
+    head = s * b * h * (norm + e) + s * b * V * (e + 4 + 8) + copies * n_rest
+    # full checkpointing keeps each block's fp32 input and recomputes one block at a time in backward
+    acts = (mcfg.n_layer * R * s * b * h + layer if ckpt else mcfg.n_layer * layer) + head
+
+    if parallel == "fsdp":  # gathered compute-dtype params of the root and two blocks (one prefetched),
+        # plus the largest unit's unsharded gradient and its fp32 copy for reduce-scatter
+        buffers = e * (n_rest + 2 * n_block) + (e + 4) * max(n_block, n_rest)
+    else:  # DDP's buckets are a second copy of the gradients (gradient_as_bucket_view=False)
+        buffers = 4 * n if parallel == "ddp" else 0
+    out = dict(n_params=n, params=4 * n / shard, grads=4 * n / shard, optimizer=8 * n / shard,
+               activations=acts, buffers=buffers)
+    # gradients are allocated (zero_grad sets them to None) as the backward pass frees activations, so the
+    # peak is at its start (all activations) or at the first block (nearly all gradients, one block's)
+    out["total"] = out["params"] + out["optimizer"] + buffers + max(acts, out["grads"] + layer)
+    return out
+
+
+def run_estimate(opts, cfg, emit):
+    mcfg = model_config(cfg, None)
+    world = opts["gpus"]
+    parallel = cfg["parallel"] if cfg["parallel"] != "auto" else "ddp" if world > 1 else "single"
+    dtype = "bfloat16" if cfg["dtype"] == "auto" else cfg["dtype"]  # what 'auto' picks on a recent GPU
+    res = {ac: estimate_memory(mcfg, cfg["batch_size"], mcfg.block_size, world, parallel, dtype, ac)
+           for ac in ("none", "full")}
+    gib = lambda x: f"{x / 2**30:10.2f}"
+    emit(f"{cfg['model']}: {res['none']['n_params']:,} parameters; {parallel} on {world} GPU(s), {dtype}, "
+         f"batch_size={cfg['batch_size']} per GPU, block_size={mcfg.block_size}; GiB per GPU "
+         f"(configured activation_checkpointing={cfg['activation_checkpointing']}):")
+    emit(f"{'activation_checkpointing':26s}" + "".join(f"{k:>12s}" for k in res["none"] if k != "n_params"))
+    for ac, r in res.items():
+        emit(f"{ac:26s}" + "".join(f"  {gib(v)}" for k, v in r.items() if k != "n_params"))
+    return dict(model=cfg["model"], model_config=asdict(mcfg), world=world, parallel=parallel, dtype=dtype,
+                batch_size=cfg["batch_size"], seq_len=mcfg.block_size, configured=cfg["activation_checkpointing"],
+                estimate=res)
+
+
+# -----------------------------------------------------------------------------------------------
+# benchmark
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def build_variant(cfg, opts):
+    """Everything one configuration needs to take steps, built the way train.py builds it."""
+    device, ptdtype, rank, world, parallel = train.setup(cfg)  # sets the CPU thread count
+    if cfg["compile"] is None:
+        cfg["compile"] = device.type == "cuda"  # train.py's default
+    real = not opts["synthetic"] and os.path.exists(os.path.join(cfg["data_root"], cfg["dataset"], "meta.json"))
+    meta, data = train.load_dataset(cfg, rank)[:2] if real else (None, None)
+    mcfg = model_config(cfg, meta)
+    raw = train.build_model(cfg, mcfg, device, ptdtype, parallel, world)
+    model = raw
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    T, B = mcfg.block_size, cfg["batch_size"]
+    batches = []  # made once and reused: the timed loop holds no data loading
+    for micro in range(cfg["gradient_accumulation_steps"]):
+        if real:
+            batches.append(train.window_batch(data, train.train_starts(cfg, len(data), T, 0, micro, rank, world), T, device))
+        else:
+            xy = torch.randint(mcfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(cfg["seed"] + micro))
+            batches.append((xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)))
+    if opts["peak_tflops"]:
+        peak, peak_src = opts["peak_tflops"] * 1e12, "--peak_tflops"
+    else:
+        peak, peak_src = M.peak_flops(device, ptdtype)
+    return dict(cfg=cfg, device=device, dtype=ptdtype, world=world, parallel=parallel, mcfg=mcfg, raw=raw,
+                model=model, optimizer=train.make_optimizer(cfg, raw, device), batches=batches,
+                scaler=torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16),
+                ctx=torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 and parallel != "fsdp"
+                else nullcontext(), threads=torch.get_num_threads(), data=cfg["dataset"] if real else "synthetic",
+                peak=peak, peak_src=peak_src, rank=rank, ms=[], mem=0, mem_reserved=0)
+
+
+def train_step(v):
+    """One optimizer step over gradient_accumulation_steps micro-batches, as in train.py's loop."""
+    model, n = v["model"], len(v["batches"])
+    for i, (x, y) in enumerate(v["batches"]):
+        if v["parallel"] == "fsdp":
+            model.set_requires_gradient_sync(i == n - 1)
+        with (model.no_sync() if v["parallel"] == "ddp" and i < n - 1 else nullcontext()), v["ctx"]:
+            _, loss = model(x, y)  # the objective: the causal LM loss of model.forward
+        v["scaler"].scale(loss / n).backward()
+    if v["cfg"]["grad_clip"]:
+        v["scaler"].unscale_(v["optimizer"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), v["cfg"]["grad_clip"])
+    v["scaler"].step(v["optimizer"])
+    v["scaler"].update()
+    v["optimizer"].zero_grad(set_to_none=True)
+
+
+def timed_step(v):
+    torch.set_num_threads(v["threads"])  # variants may differ in --threads
+    cuda = v["device"].type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(v["device"])
+    sync(v["device"])
+    t0 = time.perf_counter()
+    train_step(v)
+    sync(v["device"])
+    v["ms"].append((time.perf_counter() - t0) * 1000)
+    if cuda:
+        v["mem"] = max(v["mem"], torch.cuda.max_memory_allocated(v["device"]))
+        v["mem_reserved"] = max(v["mem_reserved"], torch.cuda.max_memory_reserved(v["device"]))
+
+
+def summarize(v, opts, n_variants):
+    cfg, mcfg, ms = v["cfg"], v["mcfg"], sorted(v["ms"])
+    T = mcfg.block_size
+    tokens = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * v["world"] * T
+    med = statistics.median(ms)
+    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
+    tok_s = tokens / (med / 1000)
+    fpt = M.flops_per_token(mcfg, T, training=True)  # model FLOPs: recomputation by checkpointing not counted
+    achieved = fpt * tok_s / 1e12
+    if v["device"].type == "cuda":
+        note = " (this variant's steps, all variants resident)" if n_variants > 1 else ""
+        mem = dict(peak_bytes=v["mem"], reserved_bytes=v["mem_reserved"], source="torch.cuda.max_memory_allocated" + note)
+    else:  # ru_maxrss is KiB on Linux, bytes on macOS; it cannot be reset, so it covers the whole process
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        mem = dict(peak_bytes=rss, source="peak RSS of the whole process (getrusage ru_maxrss)")
+    est = estimate_memory(mcfg, cfg["batch_size"], T, v["world"], v["parallel"], v["dtype"], cfg["activation_checkpointing"])
+    return dict(model=cfg["model"], n_params=v["raw"].num_params(), model_config=asdict(mcfg), data=v["data"],
+                device=str(v["device"]), dtype=str(v["dtype"]).split(".")[-1], compile=cfg["compile"],
+                activation_checkpointing=cfg["activation_checkpointing"], parallel=v["parallel"], world=v["world"],
+                threads=v["threads"], batch_size=cfg["batch_size"], block_size=T,
+                gradient_accumulation_steps=cfg["gradient_accumulation_steps"], steps=len(ms), warmup=opts["warmup"],
+                tokens_per_step=tokens, ms_per_step=dict(median=med, min=ms[0], max=ms[-1], p25=q1, p75=q3, all=v["ms"]),
+                tokens_per_s=tok_s, flops_per_token=fpt, achieved_tflops=achieved, peak_tflops=v["peak"] / 1e12,
+                peak_source=v["peak_src"], mfu=achieved / (v["peak"] / 1e12 * v["world"]), memory=mem,
+                estimated_total_bytes=est["total"])
+
+
+def run_bench(opts, rest, emit):
+    variants = []
+    for item in (opts["compare"].split(",") if opts["compare"] else [""]):
+        extra = [f"--{kv}" for kv in item.split("+") if kv]  # parsed and type-checked like any --key=value
+        v = build_variant(train.get_config(rest + extra), opts)
+        v["name"] = item or "run"
+        variants.append(v)
+    m0 = variants[0]
+    emit(f"model {m0['cfg']['model']}: {m0['raw'].num_params():,} parameters, {m0['data']} data; "
+         f"{m0['device']}, parallel={m0['parallel']} world={m0['world']}; warmup {opts['warmup']}, steps {opts['steps']}")
+    for v in variants:  # compilation, allocator and optimizer-state warm-up happen here
+        for _ in range(opts["warmup"]):
+            train_step(v)
+        sync(v["device"])
+    for r in range(opts["steps"]):  # rotate the order each round so no variant always runs first
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            timed_step(v)
+    results = [summarize(v, opts, len(variants)) for v in variants]
+    for v, res in zip(variants, results):  # per-round paired ratios cancel drift of the machine's speed
+        res["name"], res["speedup"] = v["name"], statistics.median(
+            (a / b) for a, b in zip(variants[0]["ms"], v["ms"]))
+    emit(f"{'variant':28s} {'dtype':>8s} {'thr':>3s} {'ms/step med [min max]':>26s} {'tok/s':>9s} "
+         f"{'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>9s} {'speedup':>7s}")
+    for res in results:
+        ms = res["ms_per_step"]
+        emit(f"{res['name'][:28]:28s} {res['dtype']:>8s} {res['threads']:3d} {ms['median']:9.1f} [{ms['min']:7.1f} {ms['max']:7.1f}] "
+             f"{res['tokens_per_s']:9,.0f} {res['achieved_tflops']:8.3f} {res['mfu']:6.1%} "
+             f"{res['memory']['peak_bytes'] / 2**20:6.0f}MiB {res['speedup']:7.2f}x")
+    r0 = results[0]
+    emit(f"{r0['tokens_per_step']:,} tokens/step, {r0['flops_per_token'] / 1e6:,.1f} MFLOP/token (training); MFU vs "
+         f"{r0['peak_tflops']:.3f} TFLOP/s ({r0['peak_source']}); memory: {r0['memory']['source']}; "
+         f"estimate {r0['estimated_total_bytes'] / 2**20:,.0f} MiB")
+
+    if opts["profile"]:
+        path = "bench_trace.json" if opts["profile"] is True else opts["profile"]
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if m0["device"].type == "cuda" else [])
+        with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+            for i in range(3):
+                with torch.profiler.record_function(f"train_step {i}"):
+                    train_step(m0)
+            sync(m0["device"])
+        prof.export_chrome_trace(path)
+        emit(f"profile of 3 steps of {m0['name']} written to {path} (open in https://ui.perfetto.dev)")
+    return results[0] if len(results) == 1 else {"variants": results}
+
+
+def main(argv):
+    opts, rest = parse_args(argv)
+    # with a bare --json, stdout carries nothing but the JSON: the log, and any print from train.py, go to stderr
+    to_stdout = opts["json"] is True
+    out = sys.stdout
+    quiet = int(os.environ.get("RANK", 0)) != 0  # under torchrun only rank 0 reports
+    emit = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr)) if to_stdout else print
+    with redirect_stdout(sys.stderr) if to_stdout else nullcontext():
+        if opts["estimate"]:
+            result = run_estimate(opts, train.get_config(rest), emit)
+        else:
+            result = run_bench(opts, rest, emit)
+    if opts["json"] and not quiet:
+        text = json.dumps(result, indent=1)
+        if to_stdout:
+            print(text, file=out)
+        else:
+            with open(opts["json"], "w") as f:
+                f.write(text + "\n")
+    if train.dist_on():
+        torch.distributed.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"bench error: {e}")
