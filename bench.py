@@ -41,6 +41,7 @@ OPTIONS = dict(steps=10, warmup=3, synthetic=False, compare=None, json=None, pro
                estimate=None, gpus=1)
 FLAGS = ("synthetic", "json", "profile", "estimate")  # may stand alone
 STRINGS = ("compare", "json", "profile", "estimate")  # taken verbatim; the others via ast.literal_eval
+PEAKS = {}  # (device, dtype, threads) -> (peak FLOP/s, where it comes from)
 
 
 def parse_args(argv):
@@ -171,19 +172,19 @@ def build_variant(cfg, opts):
     for micro in range(cfg["gradient_accumulation_steps"]):
         if real:
             batches.append(train.window_batch(data, train.train_starts(cfg, len(data), T, 0, micro, rank, world), T, device))
-        else:
-            xy = torch.randint(mcfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(cfg["seed"] + micro))
-            batches.append((xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)))
-    if opts["peak_tflops"]:
-        peak, peak_src = opts["peak_tflops"] * 1e12, "--peak_tflops"
-    else:
-        peak, peak_src = M.peak_flops(device, ptdtype)
+        else:  # random inputs and targets: the step costs the same as on text
+            g = torch.Generator().manual_seed(cfg["seed"] + micro)
+            batches.append(tuple(torch.randint(mcfg.vocab_size, (2, B, T), generator=g).to(device)))
+    key = (str(device), ptdtype, torch.get_num_threads())  # measure a CPU peak once, so variants share it
+    if key not in PEAKS:
+        PEAKS[key] = (opts["peak_tflops"] * 1e12, "--peak_tflops") if opts["peak_tflops"] else M.peak_flops(device, ptdtype)
+    peak, peak_src = PEAKS[key]
     return dict(cfg=cfg, device=device, dtype=ptdtype, world=world, parallel=parallel, mcfg=mcfg, raw=raw,
                 model=model, optimizer=train.make_optimizer(cfg, raw, device), batches=batches,
                 scaler=torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16),
                 ctx=torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 and parallel != "fsdp"
                 else nullcontext(), threads=torch.get_num_threads(), data=cfg["dataset"] if real else "synthetic",
-                peak=peak, peak_src=peak_src, rank=rank, ms=[], mem=0, mem_reserved=0)
+                peak=peak, peak_src=peak_src, ms=[], mem=0, mem_reserved=0)
 
 
 def train_step(v):
@@ -219,13 +220,11 @@ def timed_step(v):
 
 
 def summarize(v, opts, n_variants):
-    cfg, mcfg, ms = v["cfg"], v["mcfg"], sorted(v["ms"])
-    T = mcfg.block_size
+    cfg, mcfg, ms, T = v["cfg"], v["mcfg"], sorted(v["ms"]), v["mcfg"].block_size
     tokens = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * v["world"] * T
-    med = statistics.median(ms)
-    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
+    q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else ms * 3
     tok_s = tokens / (med / 1000)
-    fpt = M.flops_per_token(mcfg, T, training=True)  # model FLOPs: recomputation by checkpointing not counted
+    fpt = M.flops_per_token(mcfg, T, training=True)  # model FLOPs: checkpointing's recomputation not counted
     achieved = fpt * tok_s / 1e12
     if v["device"].type == "cuda":
         note = " (this variant's steps, all variants resident)" if n_variants > 1 else ""
@@ -263,9 +262,9 @@ def run_bench(opts, rest, emit):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             timed_step(v)
     results = [summarize(v, opts, len(variants)) for v in variants]
-    for v, res in zip(variants, results):  # per-round paired ratios cancel drift of the machine's speed
-        res["name"], res["speedup"] = v["name"], statistics.median(
-            (a / b) for a, b in zip(variants[0]["ms"], v["ms"]))
+    for v, res in zip(variants, results):  # tokens/s over the first's, the median of per-round pairs:
+        ratio = res["tokens_per_step"] / results[0]["tokens_per_step"]  # pairs cancel the machine's drift
+        res["name"], res["speedup"] = v["name"], statistics.median(ratio * a / b for a, b in zip(variants[0]["ms"], v["ms"]))
     emit(f"{'variant':28s} {'dtype':>8s} {'thr':>3s} {'ms/step med [min max]':>26s} {'tok/s':>9s} "
          f"{'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>9s} {'speedup':>7s}")
     for res in results:
@@ -294,8 +293,7 @@ def run_bench(opts, rest, emit):
 def main(argv):
     opts, rest = parse_args(argv)
     # with a bare --json, stdout carries nothing but the JSON: the log, and any print from train.py, go to stderr
-    to_stdout = opts["json"] is True
-    out = sys.stdout
+    to_stdout, out = opts["json"] is True, sys.stdout
     quiet = int(os.environ.get("RANK", 0)) != 0  # under torchrun only rank 0 reports
     emit = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr)) if to_stdout else print
     with redirect_stdout(sys.stderr) if to_stdout else nullcontext():

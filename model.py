@@ -1,6 +1,7 @@
 """
 The whole Transformer in one file: GPT-2 style (learned positions, LayerNorm, GELU, tied
-embeddings) and LLaMA style (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied), chosen by
+embeddings), LLaMA style (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied) and BERT style
+(bidirectional, post-LN, segment embeddings, MLM + NSP or classification heads), chosen by
 ModelConfig fields, plus a table of named presets. This file knows nothing about parallelism:
 train.py applies DDP/FSDP, compile and activation checkpointing from outside, per block.
 
@@ -34,6 +35,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0
     causal: bool = True         # False: bidirectional attention (the BERT path)
+    gelu_approx: str = "tanh"   # tanh (GPT-2) | none (exact erf GELU, BERT)
+    post_norm: bool = False     # True: BERT's post-LN, norm after each residual add and on the embeddings, none at the end
+    type_vocab_size: int = 0    # >0: segment (token type) embeddings added to the input, BERT's sentence A/B
+    head: str = "lm"            # lm: next-token logits | mlm_nsp: BERT pretraining | classify: n_labels classes
+    n_labels: int = 0           # classes of the classify head, predicted from the pooled first position ([CLS])
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -46,9 +52,14 @@ class ModelConfig:
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}")
         for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
-                             ("pos", ("learned", "rope"))):
+                             ("pos", ("learned", "rope")), ("gelu_approx", ("tanh", "none")),
+                             ("head", ("lm", "mlm_nsp", "classify"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
+        if self.head != "lm" and self.causal:
+            raise ValueError(f"head={self.head!r} reads the whole sequence from position 0; it needs causal=False")
+        if self.head == "classify" and self.n_labels < 2:
+            raise ValueError(f"head='classify' needs n_labels >= 2, got {self.n_labels}")
         if not self.ffn_hidden:
             if self.mlp == "gelu":
                 self.ffn_hidden = 4 * self.n_embd
@@ -58,6 +69,8 @@ class ModelConfig:
 
 
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=False, bias=False, vocab_size=32000)
+_BERT = dict(causal=False, post_norm=True, gelu_approx="none", norm_eps=1e-12, type_vocab_size=2, head="mlm_nsp",
+             vocab_size=30522, block_size=512)
 PRESETS = {
     # the quickstart model: bytes vocabulary, trains on a 2-core CPU in minutes
     "tiny": dict(_LLAMA, vocab_size=257, block_size=256, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,
@@ -73,6 +86,10 @@ PRESETS = {
     "llama-1b": dict(_LLAMA, block_size=2048, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048,
                      ffn_hidden=5632),  # the TinyLlama-1.1B shape
     "llama-7b": dict(_LLAMA, block_size=4096, n_layer=32, n_head=32, n_embd=4096),  # LLaMA-2-7B
+    # BERT (Devlin et al. 2018): counts equal Hugging Face BertForPreTraining with its 30,522 WordPiece vocabulary
+    "bert-tiny": dict(_BERT, vocab_size=261, block_size=256, n_layer=4, n_head=4, n_embd=128),  # bytes + 4 specials, CPU
+    "bert-base": dict(_BERT, n_layer=12, n_head=12, n_embd=768),     # 110,106,428 parameters
+    "bert-large": dict(_BERT, n_layer=24, n_head=16, n_embd=1024),   # 336,226,108
 }
 
 
@@ -146,7 +163,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.gelu_approx = cfg.mlp == "swiglu", cfg.gelu_approx
         self.up = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.ffn_hidden, bias=cfg.bias)
         self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
         self.down.residual = True
@@ -157,7 +174,7 @@ class MLP(nn.Module):
             gate, val = h.chunk(2, dim=-1)
             h = F.silu(gate) * val
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.gelu_approx)
         return self.down(h)
 
 
@@ -167,8 +184,12 @@ class Block(nn.Module):
         self.norm1, self.attn = Norm(cfg), Attention(cfg)
         self.norm2, self.mlp = Norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.post_norm = cfg.post_norm
 
     def forward(self, x, rope=None, cache=None, pos=0, attn_mask=None):
+        if self.post_norm:  # BERT: normalise the sum, so the residual stream itself is normalised
+            x = self.norm1(x + self.drop(self.attn(x, rope, cache, pos, attn_mask)))
+            return self.norm2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.norm1(x), rope, cache, pos, attn_mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
@@ -179,11 +200,21 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = Norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.norm = Norm(cfg)  # the final norm, or with post_norm the embedding norm
+        # heads: only the ones this config uses exist, so DDP never sees an unused parameter
+        C = cfg.n_embd
+        if cfg.head != "lm":  # BERT's pooler: the first position ([CLS]) through dense + tanh
+            self.pooler = nn.Linear(C, C)
+        if cfg.head == "mlm_nsp":
+            self.mlm_dense, self.mlm_norm = nn.Linear(C, C), Norm(cfg)  # the MLM transform before the decoder
+            self.nsp_head = nn.Linear(C, 2)  # IsNext (0) / NotNext (1)
+        if cfg.head == "classify":
+            self.cls_head = nn.Linear(C, cfg.n_labels)
+        self.lm_head = nn.Linear(C, cfg.vocab_size, bias=cfg.head == "mlm_nsp") if cfg.head != "classify" else None
+        if cfg.tie_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.tok_emb.weight
         # RoPE tables are derived, not learned: non-persistent, rebuilt by init_weights after to_empty
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -200,7 +231,10 @@ class Transformer(nn.Module):
             return torch.ones(shape, device=device) if leaf == "weight" else torch.zeros(shape, device=device)
         if leaf == "bias":
             return torch.zeros(shape, device=device)
-        std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual", False) else 0.02
+        # GPT-2 scales the residual projections down so that the pre-LN residual stream does not grow with
+        # depth; post-LN renormalises every sum, and BERT draws everything with 0.02
+        scaled = getattr(module, "residual", False) and not self.cfg.post_norm
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if scaled else 0.02
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         return torch.randn(shape, generator=g, device=device) * std
 
@@ -213,7 +247,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_buffers(self):
         """Rebuild what to_empty() loses: the tied head (it unties shared weights) and the RoPE tables."""
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.tok_emb.weight
         if self.cfg.pos == "rope":
             device = self.tok_emb.weight.device
@@ -222,26 +256,61 @@ class Transformer(nn.Module):
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once
         if non_embedding:
-            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+            n -= sum(e.weight.numel() for e in (self.tok_emb, self.pos_emb, self.type_emb) if e is not None)
         return n
 
-    def forward(self, idx, targets=None, cache=None, pos=0, attn_mask=None):
+    def forward(self, idx, targets=None, cache=None, pos=0, attn_mask=None, token_type_ids=None, labels=None):
+        """idx (B, T) token ids. targets (B, T): next tokens (head lm) or the original ids at the positions
+        chosen for MLM, -1 elsewhere (ignored). attn_mask (B, T) bool, True at real tokens: padding keys are
+        never attended. token_type_ids (B, T) segment ids. labels (B,): NSP (0 IsNext, 1 NotNext) or class.
+        Returns (logits, loss); loss is None without targets/labels. Logits by head: lm (B, T, V) (B, 1, V with
+        a cache); mlm_nsp (mlm (N, V) at the N chosen positions in row-major order when targets are given,
+        else (B, T, V); nsp (B, 2)); classify (B, n_labels)."""
         B, T = idx.shape
         if pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={self.cfg.block_size}")
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
+        if self.type_emb is not None:  # no ids: all segment 0, as in BERT (and the table is always used)
+            x = x + self.type_emb(token_type_ids if token_type_ids is not None else torch.zeros_like(idx))
+        if self.cfg.post_norm:
+            x = self.norm(x)
         x = self.drop(x)
+        if attn_mask is not None and attn_mask.dim() == 2:  # a padding mask: (B, T) -> (B, 1, 1, T) over the keys
+            if self.cfg.causal:
+                raise ValueError("a padding mask is for the bidirectional model (causal=False)")
+            attn_mask = attn_mask[:, None, None, :]
         rope = (self.rope_cos.to(x.device), self.rope_sin.to(x.device)) if self.cfg.pos == "rope" else None
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache[i] if cache is not None else None, pos, attn_mask)
-        x = self.norm(x)
+        if not self.cfg.post_norm:
+            x = self.norm(x)
+        if self.cfg.head != "lm":
+            return self.encoder_heads(x, targets, labels)
         if targets is None:
             return self.lm_head(x[:, -1:]) if cache is not None else self.lm_head(x), None
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
+
+    def encoder_heads(self, x, targets=None, labels=None):
+        pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C) from the [CLS] position
+        if self.cfg.head == "classify":
+            logits = self.cls_head(self.drop(pooled))  # (B, n_labels)
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=-1) if labels is not None else None
+            return logits, loss
+        nsp = self.nsp_head(pooled)  # (B, 2)
+        if targets is not None:  # the decoder only where there is something to predict: ~15% of positions
+            x, targets = x[targets != -1], targets[targets != -1]  # (N, C), (N,)
+        h = self.mlm_norm(F.gelu(self.mlm_dense(x), approximate=self.cfg.gelu_approx))
+        mlm = self.lm_head(h)  # (N, V) or (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(mlm.float(), targets)
+            if labels is not None:
+                loss = loss + F.cross_entropy(nsp.float(), labels)  # L = L_MLM + L_NSP
+        return (mlm, nsp), loss
 
     def new_cache(self, batch_size, device, dtype):
         shape = (batch_size, self.cfg.n_kv_head, self.cfg.block_size, self.cfg.n_embd // self.cfg.n_head)
@@ -291,6 +360,53 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 # ----------------------------------------------------------------------------------------------
+# Metrics per head, and fitting a pretrained encoder to another head (fine-tuning)
+
+METRICS = {"lm": ("loss",), "mlm_nsp": ("mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc"), "classify": ("loss", "acc")}
+HEAD_PREFIXES = ("lm_head.", "mlm_", "nsp_head.", "pooler.", "cls_head.")
+
+
+@torch.no_grad()
+def metric_sums(head, logits, loss, batch):
+    """(sum, count) of each METRICS[head] entry over one batch, flattened to a float64 vector: sums add up
+    across micro-batches, evaluation batches and ranks (one all_reduce), and summarize() divides at the end."""
+    if head == "lm":
+        n = (batch["targets"] != -1).sum()
+        return torch.stack([loss.detach().double() * n, n.double()])
+    def ce_acc(lg, y):  # summed cross-entropy, correct predictions and count over the labels != -1
+        keep = y != -1
+        lg, y = lg[keep].float(), y[keep]
+        n = y.numel()
+        return [F.cross_entropy(lg, y, reduction="sum"), n, (lg.argmax(-1) == y).sum(), n]
+    if head == "classify":
+        parts = ce_acc(logits, batch["labels"])
+    else:
+        t = batch["targets"]
+        parts = ce_acc(logits[0], t[t != -1]) + ce_acc(logits[1], batch["labels"])
+    return torch.stack([torch.as_tensor(v, device=logits[0].device).double() for v in parts])
+
+
+def summarize(head, sums):
+    """{name: mean} from metric_sums vectors added up; "loss" is the total (for mlm_nsp L_MLM + L_NSP)."""
+    sums = sums.tolist()
+    out = {name: sums[2 * i] / max(sums[2 * i + 1], 1) for i, name in enumerate(METRICS[head])}
+    out["loss"] = sum(v for k, v in out.items() if k.endswith("loss"))
+    return out
+
+
+def adapt_heads(state, model, seed=0):
+    """A checkpoint's state dict made to fit `model` when only the heads differ (an MLM+NSP encoder
+    fine-tuned as a classifier): head weights the model lacks are dropped, heads the checkpoint lacks get
+    their fresh init. Everything else is left as it is, for the strict check that follows."""
+    own = model.state_dict()
+    out = {k: v for k, v in state.items() if k in own or not k.startswith(HEAD_PREFIXES)}
+    for k, v in own.items():
+        if k not in state and k.startswith(HEAD_PREFIXES):
+            out[k] = model.init_tensor(k, v.shape, seed)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # FLOPs and MFU. One implementation, used by train.py's log line and by bench.py.
 
 def flops_per_token(cfg, seq_len=None, training=True):
@@ -302,7 +418,9 @@ def flops_per_token(cfg, seq_len=None, training=True):
     attn_linear = C * cfg.n_head * D + C * 2 * cfg.n_kv_head * D + C * C
     mlp_linear = C * cfg.ffn_hidden * (3 if cfg.mlp == "swiglu" else 2)
     attn_scores = 2 * cfg.n_head * D * T  # (q . k) and (p . v) per query position
-    fwd = 2 * (L * (attn_linear + mlp_linear + attn_scores) + C * cfg.vocab_size)
+    # the MLM head (transform + decoder) runs only at the ~15% chosen positions; pooler and NSP are per sequence
+    head = {"lm": C * cfg.vocab_size, "mlm_nsp": 0.15 * (C * C + C * cfg.vocab_size), "classify": 0}[cfg.head]
+    fwd = 2 * (L * (attn_linear + mlp_linear + attn_scores) + head)
     return 3 * fwd if training else fwd
 
 

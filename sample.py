@@ -1,9 +1,16 @@
 """
 Generate text from a checkpoint, decoding with the tokenizer recorded in the data's meta.json.
 
-    python sample.py                                   # out/ckpt.pt, a few samples from a newline
+    python sample.py                                   # the newest checkpoint in out/, a few samples
     python sample.py --ckpt=out/best.pt --start="def main(" --num_samples=3 --temperature=0.8 --top_k=50
     python sample.py --start=FILE:prompt.txt --temperature=0   # greedy
+
+An MLM (BERT) checkpoint fills in each [MASK] of the text instead, one token per [MASK] (a byte
+with the bytes tokenizer), the most confident position first, each filled token then context for
+the others; a classify checkpoint prints the most likely labels of the text:
+
+    python sample.py --ckpt=out-bert --start=$'def f(x):\n    [MASK][MASK][MASK][MASK][MASK][MASK] x' --temperature=0
+    python sample.py --ckpt=out-classify --start=FILE:snippet.py
 """
 import argparse
 import os
@@ -11,23 +18,46 @@ import time
 
 import torch
 
+import checkpoint
 import model as M
 import prepare
-import train
 
 
 def load_model(path, device="cpu"):
     """A Transformer with the weights of a checkpoint (.pt, or a sharded .dcp folder), in eval mode,
     and the checkpoint itself (its meta names the tokenizer)."""
-    ckpt = train.load_checkpoint(path)
+    ckpt = checkpoint.load_checkpoint(path)
     net = M.Transformer(M.ModelConfig(**ckpt["model_args"]))
-    train.restore(ckpt, net)
+    checkpoint.restore(ckpt, net)
     return net.to(device).eval(), ckpt
+
+
+def encoder_input(net, tok, meta, text):
+    """[CLS] text [SEP] as a (1, T) tensor, "[MASK]" in the text becoming the mask token."""
+    sp, parts = prepare.special_ids(meta["vocab_size"]), text.split("[MASK]")
+    ids = [sp.cls] + [i for k, part in enumerate(parts) for i in tok.encode(part) + [sp.mask] * (k < len(parts) - 1)]
+    ids = ids[:net.cfg.block_size - 1] + [sp.sep]
+    return torch.tensor([ids], dtype=torch.long, device=net.tok_emb.weight.device)
+
+
+@torch.no_grad()
+def fill_masks(net, tok, meta, text, temperature=0.0, top_k=None, generator=None):
+    """text with every [MASK] filled by the MLM head: one forward pass per mask, filling the position
+    the model is surest of first (a filled token is context for the rest). Specials are never drawn."""
+    x, mask_id = encoder_input(net, tok, meta, text), prepare.special_ids(meta["vocab_size"]).mask
+    while (x == mask_id).any():
+        (logits, _), _ = net(x)
+        logits = logits[0].float()  # (T, V)
+        logits[:, meta["vocab_size"]:] = logits[:, meta["sep_id"]] = float("-inf")  # text tokens only
+        holes = (x[0] == mask_id).nonzero()[:, 0]
+        pos = holes[logits[holes].softmax(-1).max(-1).values.argmax()]
+        x[0, pos] = M.sample_next(logits[pos:pos + 1], temperature, top_k, generator=generator)[0]
+    return tok.decode(x[0].tolist())
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=os.path.join("out", "ckpt.pt"), help="checkpoint file (ckpt.pt or best.pt)")
+    p.add_argument("--ckpt", default="out", help="a checkpoint (.pt or sharded .dcp), or a run's out_dir: its newest")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=300)
@@ -40,16 +70,33 @@ def main(argv=None):
                    "sharded FSDP ckpt.dcp) to this path and exit")
     args = p.parse_args(argv)
 
-    net, ckpt = load_model(args.ckpt, args.device)
+    path = checkpoint.find_checkpoint(args.ckpt) if os.path.isdir(args.ckpt) and not args.ckpt.endswith(".dcp") else args.ckpt
+    if path is None:
+        raise SystemExit(f"no checkpoint in {args.ckpt}; train first (python train.py) or pass --ckpt=PATH")
+    net, ckpt = load_model(path, args.device)
     if args.export:
         keep = {k: v for k, v in ckpt.items() if k in ("model_args", "meta", "config", "step", "best_val")}
-        train.save_file(dict(keep, model=net.state_dict()), args.export)
+        checkpoint.save_file(dict(keep, model=net.state_dict()), args.export)
         return print(f"wrote {args.export}: {net.num_params():,} parameters, step {ckpt['step']}")
     tok = prepare.get_tokenizer_from_meta(ckpt["meta"])
     start = args.start
     if start.startswith("FILE:"):
         with open(start[5:], encoding="utf-8") as f:
             start = f.read()
+    if net.cfg.head == "classify":
+        probs = net(encoder_input(net, tok, ckpt["meta"], start))[0][0].float().softmax(-1)
+        for p, k in zip(*probs.topk(min(5, len(probs)))):
+            print(f"{p.item():.3f}  {ckpt['meta']['labels'][k]}")
+        return
+    if net.cfg.head == "mlm_nsp":
+        if "[MASK]" not in start:
+            raise SystemExit("an MLM checkpoint fills in [MASK]s: put [MASK] where tokens should go, e.g. "
+                             "--start='return [MASK][MASK]'")
+        g = torch.Generator(device=args.device).manual_seed(args.seed)
+        for i in range(args.num_samples):
+            print(fill_masks(net, tok, ckpt["meta"], start, args.temperature, args.top_k, g))
+            print(f"---------- sample {i + 1}")
+        return
     ids = tok.encode(start) or [tok.sep_id]  # an empty prompt starts a fresh document
     x = torch.tensor([ids], dtype=torch.long, device=args.device)
     g = torch.Generator(device=args.device).manual_seed(args.seed)

@@ -248,8 +248,8 @@ def test_exact_resume(data_root, tmp_path):
     assert half["train_losses"] + rest["train_losses"] == full["train_losses"]  # bit for bit
     a, b = full["model"].state_dict(), rest["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ca = train.load_checkpoint(tmp_path / "a" / "ckpt.pt")
-    cb = train.load_checkpoint(tmp_path / "b" / "ckpt.pt")
+    ca = train.load_checkpoint(train.find_checkpoint(tmp_path / "a"))
+    cb = train.load_checkpoint(train.find_checkpoint(tmp_path / "b"))
     assert ca["step"] == cb["step"] == 12
     for name, st in ca["optimizer"]["state"].items():  # keyed by parameter name
         assert all(torch.equal(st[k], cb["optimizer"]["state"][name][k]) for k in st), name
@@ -257,7 +257,7 @@ def test_exact_resume(data_root, tmp_path):
 
 def test_checkpoint_contents(data_root, tmp_path):
     train.train(tiny_cfg(data_root, tmp_path, max_iters=10, eval_interval=5, compile=False))
-    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain data, no code on load
+    ck = torch.load(tmp_path / "ckpt-0000010.pt", weights_only=True)  # plain data, no code on load
     assert ck["step"] == 10 and ck["config"]["max_iters"] == 10 and ck["config"]["out_dir"] == str(tmp_path)
     assert ck["meta"]["tokenizer"] == "bytes" and ck["model_args"]["n_layer"] == 2
     assert (tmp_path / "best.pt").exists()
@@ -286,10 +286,10 @@ def test_atomic_checkpoint_write(tmp_path, monkeypatch):
 
 def test_finetune_from_checkpoint_and_early_stopping(data_root, tmp_path):
     train.train(tiny_cfg(data_root, tmp_path / "pre", max_iters=10, eval_interval=5))
-    ck = train.load_checkpoint(tmp_path / "pre" / "ckpt.pt")
+    ck = train.load_checkpoint(tmp_path / "pre" / "best.pt")
     # a fine-tune starts from the weights (val loss at step 0 equals the checkpoint's) with a fresh
     # optimizer at step 0; with lr 0 nothing improves, so patience=2 stops it after two more evals
-    s = train.train(tiny_cfg(data_root, tmp_path / "ft", init_from=str(tmp_path / "pre" / "ckpt.pt"),
+    s = train.train(tiny_cfg(data_root, tmp_path / "ft", init_from=str(tmp_path / "pre" / "best.pt"),
                              learning_rate=0.0, min_lr=0.0, max_iters=50, eval_interval=5, patience=2))
     assert s["evals"][0][1] == pytest.approx(ck["best_val"], abs=1e-6)
     assert s["stopped_early"] and [st for st, _ in s["evals"]] == [0, 5, 10] and s["step"] == 10
@@ -314,7 +314,7 @@ def test_bad_data_rejected_before_training(data_root, tmp_path):
 
 def test_sample_cli(data_root, tmp_path):
     train.train(tiny_cfg(data_root, tmp_path, max_iters=5, eval_interval=5))
-    r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={tmp_path / 'ckpt.pt'}", "--start=def ",
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={tmp_path}", "--start=def ",
                         "--num_samples=2", "--max_new_tokens=20", "--temperature=0"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     samples = [s for s in r.stdout.split("\n") if s.startswith("def ")]
@@ -548,7 +548,7 @@ def test_distributed_matches_single_process(data_root, tmp_path):
     for name in ("ddp", "fsdp", "fsdp_ac"):
         np.testing.assert_allclose(p1[name]["losses"], single["losses"], atol=1e-5, rtol=0, err_msg=name)
         assert_close_states(p1[name]["state"], single["state"], atol=1e-4)
-    np.testing.assert_allclose(p1["fsdp_bf16"]["losses"], single["losses"], atol=1e-2, rtol=0)  # see note below
+    np.testing.assert_allclose(p1["fsdp_bf16"]["losses"], single["losses"], atol=5e-3, rtol=0)  # bf16 compute, fp32 master weights and reduction: measured within 2.3e-3
 
     # initialisation: sharded on meta, materialised, equal to single-process init; each rank holds half
     init = M.Transformer(M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size")}))

@@ -16,7 +16,9 @@ import difflib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
@@ -27,6 +29,8 @@ import torch.nn.functional as F
 
 import model as M
 import prepare
+from checkpoint import (barrier, check_weights, dist_on, find_checkpoint, load_checkpoint, prune_checkpoints, restore,
+                        save_checkpoint, save_file)
 
 # -----------------------------------------------------------------------------------------------
 # defaults
@@ -38,6 +42,10 @@ eval_iters = 16             # validation batches per evaluation: a fixed set, co
 log_interval = 25
 patience = 0                # early stopping: stop after this many evaluations without improvement (0: off)
 save_checkpoints = True
+checkpoint_interval = 0     # save every this many steps; 0: at every evaluation
+checkpoint_every_minutes = 0.0  # also save when this much time has passed since the last save (0: off)
+keep_last = 2               # checkpoints kept (ckpt-STEP.pt / .dcp), plus best.pt; older ones deleted after a save
+max_bad_steps = 10          # stop after this many non-finite (NaN/inf) steps in a row; each one is skipped
 # data
 data_root = "data"
 dataset = "pystdlib"        # data_root/dataset/{train.bin,val.bin,meta.json}, see prepare.py
@@ -176,15 +184,6 @@ def eval_starts(n_tokens, T, n):
 # -----------------------------------------------------------------------------------------------
 # distributed helpers: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; we use PyTorch's collectives only
 
-def dist_on():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def barrier():
-    if dist_on():
-        torch.distributed.barrier()
-
-
 def all_reduce_sum(t):
     if dist_on():
         torch.distributed.all_reduce(t)
@@ -220,6 +219,14 @@ def setup(cfg):
         raise ValueError(f"dtype={dt!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
     if dt == "float16" and parallel == "fsdp":
         raise ValueError("dtype='float16' with FSDP is not supported (its loss scaler is not wired in); use bfloat16")
+    if dt == "float16" and device.type == "cpu":
+        raise ValueError("dtype='float16' needs a GPU (fp16 on CPU is slow and unsupported by the loss scaler); "
+                         "use --dtype=float32 (or bfloat16)")
+    if dt == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype='bfloat16' is not supported by {torch.cuda.get_device_name(device)}; use float16")
+    if cfg["compile"] and not (torch._dynamo.is_dynamo_supported() and device.type in ("cpu", "cuda")):
+        raise ValueError(f"compile=True is not supported here (Python {sys.version.split()[0]}, device "
+                         f"{device.type}); use --compile=False")
     if cfg["activation_checkpointing"] not in ("none", "full"):
         raise ValueError(f"activation_checkpointing={cfg['activation_checkpointing']!r} is not 'none' or 'full'")
     if device.type == "cpu":
@@ -234,9 +241,12 @@ def setup(cfg):
 # model: built on the meta device, parallelised from outside, then materialised and initialised
 
 def model_config(cfg, meta, ckpt_args=None):
-    if ckpt_args is not None:  # resume / fine-tune: the checkpoint's architecture, dropout may change
-        args = dict(ckpt_args, **({"dropout": cfg["dropout"]} if cfg["dropout"] is not None else {}))
-        return M.ModelConfig(**args)
+    if ckpt_args is not None:  # resume / fine-tune: the checkpoint's architecture; only dropout may change
+        for k in MODEL_KEYS:
+            if cfg.get(k) is not None and k != "dropout" and cfg[k] != ckpt_args[k]:
+                raise ValueError(f"the checkpoint was trained with {k}={ckpt_args[k]!r} but the config sets {k}="
+                                 f"{cfg[k]!r}: a different architecture; drop the override to use the checkpoint's")
+        return M.ModelConfig(**dict(ckpt_args, dropout=cfg["dropout"] if cfg["dropout"] is not None else ckpt_args["dropout"]))
     overrides = {k: cfg[k] for k in MODEL_KEYS if cfg.get(k) is not None}
     overrides.setdefault("vocab_size", meta["vocab_size"])
     mcfg = M.config_from_preset(cfg["model"], **overrides)
@@ -314,102 +324,6 @@ def get_lr(cfg, step):
 
 
 # -----------------------------------------------------------------------------------------------
-# checkpoints: written to a temporary name, then renamed, so a crash never leaves a half file
-
-def save_file(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def find_checkpoint(out_dir, name="ckpt"):
-    """The newest of out_dir/NAME.pt (single process, DDP) and out_dir/NAME.dcp (FSDP, sharded), or None.
-    NAME.dcp.old is the previous sharded one, kept until its replacement is in place."""
-    found = [p for p in (f"{name}.pt", f"{name}.dcp", f"{name}.dcp.old") if os.path.exists(os.path.join(out_dir, p))]
-    return max((os.path.join(out_dir, p) for p in found), key=os.path.getmtime) if found else None
-
-
-def load_checkpoint(path):
-    """A .pt checkpoint as a dict, or for a sharded .dcp folder its small metadata plus {"dcp": path}
-    (the sharded tensors are loaded straight into the model and optimizer by restore())."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    file = os.path.join(path, "extra.pt") if os.path.isdir(path) else path
-    try:  # weights_only: a checkpoint is data; a file crafted to run code on load is refused
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
-                         f"it is corrupted, truncated or not an anvil checkpoint") from e
-    return dict(ckpt, dcp=path) if os.path.isdir(path) else ckpt
-
-
-def check_weights(model, state):
-    """Name the first mismatch between a state dict and the model (a different architecture)."""
-    own = model.state_dict()
-    for k, v in state.items():
-        if k not in own:
-            raise ValueError(f"checkpoint has parameter {k!r} that this model lacks: a different architecture")
-        if tuple(own[k].shape) != tuple(v.shape):
-            raise ValueError(f"checkpoint parameter {k!r} has shape {tuple(v.shape)}, this model "
-                             f"{tuple(own[k].shape)}: a different architecture (check the model settings)")
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise ValueError(f"checkpoint lacks parameter {missing[0]!r} ({len(missing)} missing): a different architecture")
-
-
-def restore(ckpt, model, optimizer=None):
-    """Load weights (and optimizer state) from either checkpoint kind into a plain, DDP-free or FSDP
-    model: torch.distributed.checkpoint reshards, so the world size may differ from the saving run."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-    opts = [optimizer] if optimizer is not None else []
-    if "dcp" in ckpt:
-        import torch.distributed.checkpoint as dcp
-        msd, osd = get_state_dict(model, opts)
-        state = {"model": msd, **({"optimizer": osd} if opts else {})}
-        dcp.load(state, checkpoint_id=ckpt["dcp"])
-        set_state_dict(model, opts, model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
-    else:
-        check_weights(model, ckpt["model"])
-        set_state_dict(model, opts, model_state_dict=ckpt["model"],
-                       optim_state_dict=ckpt["optimizer"] if opts else {},
-                       options=StateDictOptions(full_state_dict=True))
-
-
-def save_checkpoint(base, model, optimizer, extra, parallel, master):
-    """base.pt from rank 0 (single, DDP), or the sharded base.dcp folder written by all ranks (FSDP).
-    Either is complete before it replaces the previous one, so a crash mid-save loses nothing."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    msd, osd = get_state_dict(model, [optimizer])
-    if parallel != "fsdp":
-        if master:
-            save_file({"model": msd, "optimizer": osd, **extra}, base + ".pt")
-        return barrier()
-    import shutil
-    import torch.distributed.checkpoint as dcp
-    final, tmp = base + ".dcp", base + ".dcp.tmp"
-    if master:
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
-    if master:
-        save_file(extra, os.path.join(tmp, "extra.pt"))
-        if os.path.exists(final):
-            shutil.rmtree(final + ".old", ignore_errors=True)
-            os.replace(final, final + ".old")
-        os.replace(tmp, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
-    barrier()
-
-
-# -----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(model, val, cfg, T, device, ctx, rank, world):
@@ -438,22 +352,24 @@ def train(cfg):
     B, A = cfg["batch_size"], cfg["gradient_accumulation_steps"]
     meta, train_data, val = load_dataset(cfg, rank)
 
-    ckpt = None
-    if cfg["init_from"] == "resume":
+    ckpt, resuming = None, cfg["init_from"] == "resume"
+    if resuming:
         path = find_checkpoint(cfg["out_dir"])
         if path is None:
-            raise FileNotFoundError(f"init_from='resume' but {cfg['out_dir']} holds no ckpt.pt or ckpt.dcp; "
-                                    f"use init_from='scratch' or point out_dir at the run to resume")
+            raise FileNotFoundError(f"init_from='resume' but {cfg['out_dir']} holds no checkpoint (ckpt-STEP.pt "
+                                    f"or .dcp); use init_from='scratch' or point out_dir at the run to resume")
         ckpt = load_checkpoint(path)
     elif cfg["init_from"] != "scratch":
         ckpt = load_checkpoint(cfg["init_from"])
     mcfg = model_config(cfg, meta, ckpt["model_args"] if ckpt else None)
     T = mcfg.block_size
-    if len(val) <= T + 1:
-        raise ValueError(f"the validation split has {len(val)} tokens, not more than block_size={T}; "
-                         f"use a smaller --block_size or more data")
-    if len(train_data) <= T + 1:
-        raise ValueError(f"the training split has {len(train_data)} tokens, not more than block_size={T}")
+    for name, split in (("training", train_data), ("validation", val)):
+        if len(split) <= T + 1:
+            raise ValueError(f"the {name} split has {len(split)} tokens, not more than block_size={T}; "
+                             f"use a smaller --block_size or more data")
+        if int(split.max()) >= mcfg.vocab_size:  # one pass over the data, before any compute
+            raise ValueError(f"the {name} split holds token id {int(split.max())} >= the model's vocab_size="
+                             f"{mcfg.vocab_size}: the .bin does not match meta.json; re-run prepare.py")
 
     model = build_model(cfg, mcfg, device, ptdtype, parallel, world)
     raw_model = model
@@ -463,7 +379,6 @@ def train(cfg):
     optimizer = make_optimizer(cfg, raw_model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
     step, best_val, bad_evals = 0, float("inf"), 0
-    resuming = cfg["init_from"] == "resume"
     if ckpt:  # resume: weights, optimizer and counters; fine-tune: weights only
         restore(ckpt, raw_model, optimizer if resuming else None)
     if resuming:
@@ -479,32 +394,58 @@ def train(cfg):
     peak, peak_src = M.peak_flops(device, ptdtype)
     log(f"device {device} {str(ptdtype).split('.')[-1]}, parallel={parallel} world={world}, "
         f"{tokens_per_step:,} tokens/step, MFU vs {peak / 1e12:.2f} TFLOP/s ({peak_src})")
+    out = cfg["out_dir"]
     if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
+        os.makedirs(out, exist_ok=True)
 
-    def save(name):
+    def write_log(rec):
+        if master:
+            with open(os.path.join(out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    saved = {"step": step if resuming else -1, "time": time.time(), "path": find_checkpoint(out)}
+
+    def save(best=False):
+        """Checkpoint ckpt-STEP (and best), never a non-finite model; keep the newest keep_last."""
+        if not cfg["save_checkpoints"] or (saved["step"] == step and not best):
+            return
+        bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                  for p in raw_model.parameters())
+        if all_reduce_sum(torch.tensor(bad, device=device)).item():
+            raise RuntimeError(f"refusing to save a model with non-finite weights at step {step}")
         extra = {"scaler": scaler.state_dict(), "step": step, "best_val": best_val, "bad_evals": bad_evals,
-                 "config": cfg, "model_args": asdict(mcfg), "meta": meta}
-        save_checkpoint(os.path.join(cfg["out_dir"], name), raw_model, optimizer, extra, parallel, master)
+                 "last_eval": last_eval, "config": cfg, "model_args": asdict(mcfg), "meta": meta}
+        names = (["best"] if best else []) + ([f"ckpt-{step:07d}"] if saved["step"] != step else [])
+        for name in names:
+            try:
+                save_checkpoint(os.path.join(out, name), raw_model, optimizer, extra, parallel, master)
+            except OSError as e:
+                raise OSError(f"could not write checkpoint {name} to {out} ({e}); the previous checkpoint "
+                              f"{saved['path']} is intact: free space or fix permissions, then resume") from e
+        if master:
+            prune_checkpoints(out, cfg["keep_last"])
+        saved.update(step=step, time=time.time(), path=find_checkpoint(out))
 
-    summary = {"train_losses": [], "evals": [], "stopped_early": False}
-    t0, dt_ema, start_step = time.time(), None, step
+    stop = []  # SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, checkpoint, exit cleanly
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.append(signum))
+
+    summary = {"train_losses": [], "evals": [], "stopped_early": False, "bad_steps": 0}
+    t0, dt_ema, bad_run = time.time(), None, 0
+    last_eval = ckpt["last_eval"] if resuming else -1  # a resumed run does not repeat an evaluation
     while True:
-        resumed_here = resuming and step == start_step
-        if (step % cfg["eval_interval"] == 0 and not resumed_here) or step == cfg["max_iters"]:
+        if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and step != last_eval:
             val_loss = evaluate(model, val, cfg, T, device, ctx, rank, world)
             improved = val_loss < best_val
             best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
             summary["evals"].append((step, val_loss))
+            last_eval = step
             log(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
                 f"{' best' if improved else ''}")
-            if master:
-                with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-            if cfg["save_checkpoints"] and step > start_step:
-                save("ckpt")
-                if improved:
-                    save("best")
+            write_log({"step": step, "val_loss": val_loss})
+            if step > 0 and (improved or not cfg["checkpoint_interval"]):
+                save(best=improved)
             if cfg["patience"] and bad_evals >= cfg["patience"]:
                 log(f"early stop: no improvement in {bad_evals} evaluations (best {best_val:.4f})")
                 summary["stopped_early"] = True
@@ -529,28 +470,46 @@ def train(cfg):
                 loss = loss / A
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        if cfg["grad_clip"]:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf"))
+        # one collective per step: the loss, and whether any rank saw a signal or wants a timed save
+        timed = cfg["checkpoint_every_minutes"] and time.time() - saved["time"] > 60 * cfg["checkpoint_every_minutes"]
+        flags = all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(bool(stop)), device=device),
+                                            torch.tensor(float(bool(timed)), device=device)]))
+        train_loss = flags[0].item() / world
+        finite = math.isfinite(train_loss) and bool(torch.isfinite(norm))
+        if finite or scaler.is_enabled():  # fp16: the scaler skips inf gradients and lowers its scale
+            scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        train_loss = all_reduce_sum(loss_sum).item() / world
         summary["train_losses"].append(train_loss)
+        bad = not math.isfinite(train_loss) or (not finite and not scaler.is_enabled())
+        bad_run = bad_run + 1 if bad else 0
+        summary["bad_steps"] += bad
+        if bad:
+            log(f"step {step}: non-finite loss {train_loss} or gradient norm {norm.item()}: update skipped "
+                f"({bad_run} in a row)")
+            if bad_run >= cfg["max_bad_steps"]:
+                raise RuntimeError(f"stopping at step {step}: {bad_run} non-finite steps in a row at lr {lr:.2e}; "
+                                   f"the last good checkpoint is {saved['path']}; resume from it with a lower "
+                                   f"learning_rate (or more warmup_iters, or grad_clip)")
+        if (cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0) or flags[1] or flags[2]:
+            save()
+        if flags[1]:
+            log(f"signal received: checkpoint at step {step} written to {saved['path']}; exiting")
+            summary["preempted"] = True
+            break
         dt = time.time() - t_step
         dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
         if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
             tok_s = tokens_per_step / dt_ema
             mfu = flops_tok * tok_s / (peak * world)
             eta = dt_ema * (cfg["max_iters"] - step)
-            rec = {"step": step, "loss": round(train_loss, 4), "lr": lr, "tok_s": round(tok_s), "mfu": round(mfu, 4),
-                   "ms_step": round(dt_ema * 1000, 1), "eta_s": round(eta), "elapsed_s": round(time.time() - t0, 1)}
+            write_log({"step": step, "loss": round(train_loss, 4), "lr": lr, "tok_s": round(tok_s), "mfu": round(mfu, 4),
+                       "ms_step": round(dt_ema * 1000, 1), "eta_s": round(eta), "elapsed_s": round(time.time() - t0, 1)})
             log(f"step {step}: loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, MFU {mfu:.1%}, "
                 f"{dt_ema * 1000:.1f} ms/step, ETA {eta / 60:.1f} min")
-            if master:
-                with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
     summary.update(step=step, best_val=best_val, model=raw_model, wall_s=time.time() - t0)
     return summary
 

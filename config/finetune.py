@@ -2,7 +2,7 @@
 # optimizer and step start fresh, and early stopping keeps the best validation loss.
 #   python prepare.py --name=mycode --input=~/src/myproject   # your own text
 #   python train.py config/finetune.py
-init_from = "out/ckpt.pt"   # the pretrained checkpoint (its architecture is used)
+init_from = "out/best.pt"   # the pretrained checkpoint (its architecture is used)
 out_dir = "out-finetune"
 dataset = "mycode"
 learning_rate = 3e-4

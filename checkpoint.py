@@ -1,0 +1,127 @@
+"""
+Checkpoints: written whole under a temporary name and then renamed, so a crash or a full disk never
+leaves a half checkpoint or destroys the previous one; read with weights_only=True, so a file crafted
+to run code on load is refused.
+
+out_dir/ckpt-STEP.pt   single process and DDP: one file from rank 0 with the full state dicts
+out_dir/ckpt-STEP.dcp  FSDP: a torch.distributed.checkpoint folder written by every rank, plus extra.pt
+out_dir/best.pt|.dcp   the best validation loss so far
+Both kinds hold model and optimizer state keyed by parameter name (torch.distributed.checkpoint's
+state_dict API), so either loads into a plain, DDP or FSDP model at any world size.
+"""
+import os
+import shutil
+
+import torch
+
+
+
+def dist_on():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier():
+    if dist_on():
+        torch.distributed.barrier()
+
+
+def save_file(obj, path):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def find_checkpoint(out_dir):
+    """The newest complete checkpoint in out_dir (ckpt-STEP.pt, or a sharded ckpt-STEP.dcp folder), or None."""
+    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith((".pt", ".dcp"))] \
+        if os.path.isdir(out_dir) else []
+    return os.path.join(out_dir, max(names, key=lambda n: int(n[5:].split(".")[0]))) if names else None
+
+
+def load_checkpoint(path):
+    """A .pt checkpoint as a dict, or for a sharded .dcp folder its small metadata plus {"dcp": path}
+    (the sharded tensors are loaded straight into the model and optimizer by restore())."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    file = os.path.join(path, "extra.pt") if os.path.isdir(path) else path
+    try:  # weights_only: a checkpoint is data; a file crafted to run code on load is refused
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                         f"it is corrupted, truncated or not an anvil checkpoint") from e
+    return dict(ckpt, dcp=path) if os.path.isdir(path) else ckpt
+
+
+def check_weights(model, state):
+    """Name the first mismatch between a state dict and the model (a different architecture)."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k not in own:
+            raise ValueError(f"checkpoint has parameter {k!r} that this model lacks: a different architecture")
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise ValueError(f"checkpoint parameter {k!r} has shape {tuple(v.shape)}, this model "
+                             f"{tuple(own[k].shape)}: a different architecture (check the model settings)")
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks parameter {missing[0]!r} ({len(missing)} missing): a different architecture")
+
+
+def restore(ckpt, model, optimizer=None):
+    """Load weights (and optimizer state) from either checkpoint kind into a plain, DDP-free or FSDP
+    model: torch.distributed.checkpoint reshards, so the world size may differ from the saving run."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    opts = [optimizer] if optimizer is not None else []
+    if "dcp" in ckpt:
+        import torch.distributed.checkpoint as dcp
+        msd, osd = get_state_dict(model, opts)
+        state = {"model": msd, **({"optimizer": osd} if opts else {})}
+        dcp.load(state, checkpoint_id=ckpt["dcp"])
+        set_state_dict(model, opts, model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
+    else:
+        check_weights(model, ckpt["model"])
+        set_state_dict(model, opts, model_state_dict=ckpt["model"],
+                       optim_state_dict=ckpt["optimizer"] if opts else {},
+                       options=StateDictOptions(full_state_dict=True))
+
+
+def save_checkpoint(base, model, optimizer, extra, parallel, master):
+    """base.pt from rank 0 (single, DDP), or the sharded base.dcp folder written by all ranks (FSDP).
+    Either is complete before it takes its name, so a crash mid-save loses nothing."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, [optimizer])
+    if parallel != "fsdp":
+        if master:
+            save_file({"model": msd, "optimizer": osd, **extra}, base + ".pt")
+        return barrier()
+    import torch.distributed.checkpoint as dcp
+    final, tmp = base + ".dcp", base + ".dcp.tmp"
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
+    if master:
+        save_file(extra, os.path.join(tmp, "extra.pt"))
+        if os.path.exists(final):  # best.dcp: the old one steps aside only once the new one is whole
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
+        os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+    barrier()
+
+
+def prune_checkpoints(out_dir, keep):
+    """Delete all but the newest `keep` ckpt-STEP checkpoints, and leftovers of interrupted saves."""
+    names = sorted((n for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith((".pt", ".dcp"))),
+                   key=lambda n: int(n[5:].split(".")[0]))
+    stale = names[:-keep] + [n for n in os.listdir(out_dir) if ".tmp" in n]
+    for n in stale:
+        p = os.path.join(out_dir, n)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
