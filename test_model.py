@@ -516,6 +516,16 @@ def dist_worker(phase, data_root, out):
         res["7b"] = {"params": {n: (tuple(p.shape), tuple(p.to_local().shape), p.to_local().is_meta)
                                 for n, p in big.named_parameters()},
                      "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    elif phase == "die":  # rank 1 dies at its 3rd batch; rank 0 must not hang in the next collective
+        if rank == 1:
+            calls, real = [0], train.window_batch
+            def dying(*a):
+                calls[0] += 1
+                if calls[0] == 3:
+                    os._exit(17)
+                return real(*a)
+            train.window_batch = dying
+        run("die", parallel="ddp", dist_timeout_minutes=1, max_iters=50)
     else:  # a fresh launch resumes what phase 1 and the single-process test left behind
         run("fsdp_ckpt", parallel="fsdp", init_from="resume")
         run("single_to_fsdp", parallel="fsdp", init_from="resume")
@@ -590,6 +600,207 @@ def test_activation_checkpointing_same_loss_and_grads():
     assert losses[0] == losses[1]
     for (n, p), q in zip(plain.named_parameters(), ac.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+# ------------------------------------------------------------------------------------------------
+# faults: kills, preemption, NaNs, a full disk, a dead rank
+
+FAULT = dict(n_layer=2, n_embd=64, n_head=4, block_size=64, batch_size=8, warmup_iters=5, eval_iters=2,
+             dropout=0.1, threads=1, log_interval=1)
+
+
+def cli(cfg, data_root, out_dir):
+    return [sys.executable, str(REPO / "train.py")] + [f"--{k}={v}" for k, v in
+                                                       dict(FAULT, data_root=data_root, out_dir=out_dir, **cfg).items()]
+
+
+def test_sigkill_anywhere_then_resume_is_bit_exact(data_root, tmp_path):
+    import random
+    import signal
+    import time
+    cfg = dict(max_iters=200, eval_interval=20, checkpoint_interval=1, keep_last=2, device="cpu")
+    ref = train.train(tiny_cfg(data_root, tmp_path / "ref", **cfg, **FAULT))
+    out, kills, rng = tmp_path / "killed", 0, random.Random(0)
+    while kills < 10:
+        init = "resume" if train.find_checkpoint(out) else "scratch"
+        p = subprocess.Popen(cli(dict(cfg, init_from=init), data_root, out), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        for line in p.stdout:  # once training is under way (~20 steps/s, each writing a checkpoint) ...
+            if line.startswith("step "):
+                break
+        time.sleep(rng.uniform(0.0, 0.8))  # ... kill it at a random moment
+        if p.poll() is not None:
+            assert p.returncode == 0, p.stderr.read()[-2000:]
+            break  # finished before the kill came
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+        last = train.find_checkpoint(out)
+        if last:
+            assert train.load_checkpoint(last)["step"] >= 1  # complete and readable after every kill
+    assert kills >= 10
+    r = subprocess.run(cli(dict(cfg, init_from="resume"), data_root, out), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = train.load_checkpoint(train.find_checkpoint(out))
+    assert final["step"] == 200
+    expect = ref["model"].state_dict()
+    assert all(torch.equal(final["model"][k], expect[k]) for k in expect)  # bit for bit
+    names = sorted(os.listdir(out))
+    assert [n for n in names if n.startswith("ckpt-")] == ["ckpt-0000199.pt", "ckpt-0000200.pt"]  # keep_last=2
+    assert "best.pt" in names and not [n for n in names if ".tmp" in n]
+
+
+def test_sigterm_checkpoints_and_exits(data_root, tmp_path):
+    import signal
+    import time
+    p = subprocess.Popen(cli(dict(max_iters=100000, eval_interval=100000, device="cpu"), data_root, tmp_path),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # wait for training to be under way
+        if line.startswith("step 3:"):
+            break
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and time.time() - t0 < 10, err[-2000:]
+    assert "signal received" in out
+    ck = train.load_checkpoint(train.find_checkpoint(tmp_path))
+    assert 3 <= ck["step"] < 1000 and ck["config"]["max_iters"] == 100000
+
+
+def nan_after(monkeypatch, first_bad_call):
+    """Make the model's loss NaN from the first_bad_call-th forward pass in training on."""
+    calls, forward = [0], getattr(M.Transformer.forward, "unpoisoned", M.Transformer.forward)
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        if self.training:
+            calls[0] += 1
+            if calls[0] >= first_bad_call:
+                loss = loss * float("nan")
+        return logits, loss
+    poisoned.unpoisoned = forward
+    monkeypatch.setattr(M.Transformer, "forward", poisoned)
+
+
+def test_nonfinite_steps_are_skipped_then_stop(data_root, tmp_path, monkeypatch):
+    common = dict(eval_interval=1000, lr_decay_iters=20, dropout=0.0)
+    clean = train.train(tiny_cfg(data_root, tmp_path / "clean", max_iters=3, **common))
+    nan_after(monkeypatch, 4)  # steps 1-3 fine, then every step NaN
+    s = train.train(tiny_cfg(data_root, tmp_path / "nan", max_iters=8, max_bad_steps=10, **common))
+    assert s["bad_steps"] == 5
+    a, b = clean["model"].state_dict(), s["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the skipped updates were never applied
+    ck = train.load_checkpoint(train.find_checkpoint(tmp_path / "nan"))
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    nan_after(monkeypatch, 4)
+    with pytest.raises(RuntimeError, match=r"stopping at step 7: 4 non-finite steps in a row at lr .*last good "
+                                           r"checkpoint is .*ckpt-0000006.pt"):
+        train.train(tiny_cfg(data_root, tmp_path / "stop", max_iters=20, checkpoint_interval=3, max_bad_steps=4, **common))
+
+
+def test_disk_full_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch):
+    import checkpoint
+    saves, real_save = [0], torch.save
+
+    def full_disk(obj, f):
+        saves[0] += 1
+        if saves[0] > 2:  # ckpt-5 and best are written, then the disk is full
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write checkpoint ckpt-0000010 .*No space left.*ckpt-0000005.pt is intact"):
+        train.train(tiny_cfg(data_root, tmp_path, max_iters=20, eval_interval=5))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "ckpt-0000005.pt", "log.jsonl"]
+    assert train.load_checkpoint(tmp_path / "ckpt-0000005.pt")["step"] == 5
+
+
+def test_dead_rank_fails_fast(data_root, tmp_path):
+    import time
+    t0 = time.time()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "test_model.py"), "dist", "die", str(data_root), str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and time.time() - t0 < 120
+    assert not (tmp_path / "phasedie.pt").exists()
+
+
+def test_bad_checkpoints_refused(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    torch.save({"model": {}, "x": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="cannot be read.*corrupted"):
+        train.load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()  # the payload never ran
+    train.save_file({"step": 1, "w": torch.ones(1000)}, tmp_path / "ok.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:700])
+    with pytest.raises(ValueError, match="corrupted, truncated"):
+        train.load_checkpoint(tmp_path / "cut.pt")
+
+
+def bad_inputs(data_root, tmp):
+    """(description, config overrides or a callable that damages a copy of the data, expected message)."""
+    src = Path(data_root) / "pystdlib"
+
+    def corpus(name, damage):
+        d = tmp / "bad" / name
+        d.mkdir(parents=True)
+        for f in ("meta.json", "train.bin", "val.bin"):
+            (d / f).write_bytes((src / f).read_bytes())
+        damage(d)
+        return dict(data_root=str(tmp / "bad"), dataset=name)
+
+    meta = json.loads((src / "meta.json").read_text())
+
+    def edit_meta(d, **kw):
+        (d / "meta.json").write_text(json.dumps(dict(meta, **kw)))
+
+    def big_id(d):
+        a = np.fromfile(d / "val.bin", dtype=np.uint16)
+        a[100] = 300
+        a.tofile(d / "val.bin")
+    return [
+        ("missing data folder", dict(dataset="nope"), "python prepare.py"),
+        ("empty .bin", corpus("empty", lambda d: ((d / "val.bin").write_bytes(b""), edit_meta(d, val_tokens=0))), "is empty"),
+        ("truncated .bin", corpus("trunc", lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:999])), "truncated"),
+        ("meta.json missing", corpus("nometa", lambda d: (d / "meta.json").unlink()), "meta.json not found"),
+        ("meta.json inconsistent", corpus("dtype", lambda d: edit_meta(d, dtype="uint32")), "truncated or stale"),
+        ("meta.json broken", corpus("broken", lambda d: (d / "meta.json").write_text("{not json")), "not valid meta.json"),
+        ("token id >= vocab", corpus("bigid", big_id), "token id 300 >= the model's vocab_size=257"),
+        ("block larger than val", dict(block_size=10 ** 6), "validation split has"),
+        ("vocab smaller than data", dict(vocab_size=100), "smaller than the dataset's vocabulary"),
+        ("n_embd % n_head", dict(n_embd=66), "n_embd=66 is not divisible by n_head=4"),
+        ("n_head % n_kv_head", dict(n_kv_head=3), "n_head=4 is not divisible by n_kv_head=3"),
+        ("unknown preset", dict(model="gpt3"), "unknown model preset 'gpt3'"),
+        ("fp16 on CPU", dict(dtype="float16"), "float16' needs a GPU"),
+        ("bad dtype", dict(dtype="fp8"), "dtype='fp8' is not one of"),
+        ("bad parallel", dict(parallel="tp"), "parallel='tp' is not one of"),
+        ("fsdp without torchrun", dict(parallel="fsdp"), "needs torchrun"),
+        ("cuda without a GPU", dict(device="cuda"), "no CUDA device"),
+        ("bad activation checkpointing", dict(activation_checkpointing="some"), "is not 'none' or 'full'"),
+        ("resume with nothing to resume", dict(init_from="resume"), "holds no checkpoint"),
+        ("missing checkpoint", dict(init_from=str(tmp / "nope.pt")), "not found"),
+    ]
+
+
+def test_bad_inputs_rejected_before_compute(data_root, tmp_path, monkeypatch):
+    called = []
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: called.append(1))  # no compute may start
+    cases = bad_inputs(data_root, tmp_path)
+    for name, overrides, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            train.train({**tiny_cfg(data_root, tmp_path / "o"), **overrides})
+        assert message in str(e.value), f"{name}: {e.value}"
+    assert not called and len(cases) == 20
+
+
+def test_finetune_architecture_mismatch_named(data_root, tmp_path):
+    train.train(tiny_cfg(data_root, tmp_path / "pre", max_iters=5, eval_interval=5))
+    with pytest.raises(ValueError, match="trained with n_layer=2 but the config sets n_layer=3"):
+        train.train(tiny_cfg(data_root, tmp_path / "ft", n_layer=3, init_from=str(tmp_path / "pre" / "best.pt")))
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["dist"]:

@@ -415,7 +415,7 @@ def train(cfg):
             raise RuntimeError(f"refusing to save a model with non-finite weights at step {step}")
         extra = {"scaler": scaler.state_dict(), "step": step, "best_val": best_val, "bad_evals": bad_evals,
                  "last_eval": last_eval, "config": cfg, "model_args": asdict(mcfg), "meta": meta}
-        names = (["best"] if best else []) + ([f"ckpt-{step:07d}"] if saved["step"] != step else [])
+        names = ([f"ckpt-{step:07d}"] if saved["step"] != step else []) + (["best"] if best else [])
         for name in names:
             try:
                 save_checkpoint(os.path.join(out, name), raw_model, optimizer, extra, parallel, master)
