@@ -115,8 +115,8 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
     if parallel == "fsdp":  # gathered compute-dtype params of the root and two blocks (one prefetched),
         # plus the largest unit's unsharded gradient and its fp32 copy for reduce-scatter
         buffers = e * (n_rest + 2 * n_block) + (e + 4) * max(n_block, n_rest)
-    else:  # DDP's buckets are a second copy of the gradients (gradient_as_bucket_view=False)
-        buffers = 4 * n if parallel == "ddp" else 0
+    else:  # DDP: train.py uses gradient_as_bucket_view=True, so gradients live in the buckets, no second copy
+        buffers = 0
     out = dict(n_params=n, params=4 * n / shard, grads=4 * n / shard, optimizer=8 * n / shard,
                activations=acts, buffers=buffers)
     # gradients are allocated (zero_grad sets them to None) as the backward pass frees activations, so the
@@ -157,24 +157,21 @@ def sync(device):
 def build_variant(cfg, opts):
     """Everything one configuration needs to take steps, built the way train.py builds it."""
     device, ptdtype, rank, world, parallel = train.setup(cfg)  # sets the CPU thread count
-    if cfg["compile"] is None:
-        cfg["compile"] = device.type == "cuda"  # train.py's default
     real = not opts["synthetic"] and os.path.exists(os.path.join(cfg["data_root"], cfg["dataset"], "meta.json"))
     meta, data = train.load_dataset(cfg, rank)[:2] if real else (None, None)
     mcfg = model_config(cfg, meta)
     raw = train.build_model(cfg, mcfg, device, ptdtype, parallel, world)
-    model = raw
-    if parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    model = (torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
+                                                       gradient_as_bucket_view=True) if parallel == "ddp" else raw)
     T, B = mcfg.block_size, cfg["batch_size"]
     batches = []  # made once and reused: the timed loop holds no data loading
     for micro in range(cfg["gradient_accumulation_steps"]):
         if real:
-            batches.append(train.window_batch(data, train.train_starts(cfg, len(data), T, 0, micro, rank, world), T, device))
+            batches.append(train.get_batch(data, cfg, T, 0, micro, rank, world, device))
         else:  # random inputs and targets: the step costs the same as on text
             g = torch.Generator().manual_seed(cfg["seed"] + micro)
-            batches.append(tuple(torch.randint(mcfg.vocab_size, (2, B, T), generator=g).to(device)))
+            x, y = torch.randint(mcfg.vocab_size, (2, B, T), generator=g).to(device)
+            batches.append({"idx": x, "targets": y})
     key = (str(device), ptdtype, torch.get_num_threads())  # measure a CPU peak once, so variants share it
     if key not in PEAKS:
         PEAKS[key] = (opts["peak_tflops"] * 1e12, "--peak_tflops") if opts["peak_tflops"] else M.peak_flops(device, ptdtype)
@@ -182,23 +179,13 @@ def build_variant(cfg, opts):
     return dict(cfg=cfg, device=device, dtype=ptdtype, world=world, parallel=parallel, mcfg=mcfg, raw=raw,
                 model=model, optimizer=train.make_optimizer(cfg, raw, device), batches=batches,
                 scaler=torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16),
-                ctx=torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 and parallel != "fsdp"
-                else nullcontext(), threads=torch.get_num_threads(), data=cfg["dataset"] if real else "synthetic",
+                ctx=train.autocast(device, ptdtype, parallel), threads=torch.get_num_threads(), data=cfg["dataset"] if real else "synthetic",
                 peak=peak, peak_src=peak_src, ms=[], mem=0, mem_reserved=0)
 
 
 def train_step(v):
-    """One optimizer step over gradient_accumulation_steps micro-batches, as in train.py's loop."""
-    model, n = v["model"], len(v["batches"])
-    for i, (x, y) in enumerate(v["batches"]):
-        if v["parallel"] == "fsdp":
-            model.set_requires_gradient_sync(i == n - 1)
-        with (model.no_sync() if v["parallel"] == "ddp" and i < n - 1 else nullcontext()), v["ctx"]:
-            _, loss = model(x, y)  # the objective: the causal LM loss of model.forward
-        v["scaler"].scale(loss / n).backward()
-    if v["cfg"]["grad_clip"]:
-        v["scaler"].unscale_(v["optimizer"])
-        torch.nn.utils.clip_grad_norm_(model.parameters(), v["cfg"]["grad_clip"])
+    """One optimizer step, with train.py's own forward/backward (accumulation, clipping)."""
+    train.forward_backward(v["model"], v["optimizer"], v["scaler"], v["batches"], v["cfg"], v["ctx"], v["parallel"])
     v["scaler"].step(v["optimizer"])
     v["scaler"].update()
     v["optimizer"].zero_grad(set_to_none=True)
@@ -302,13 +289,9 @@ def main(argv):
         else:
             result = run_bench(opts, rest, emit)
     if opts["json"] and not quiet:
-        text = json.dumps(result, indent=1)
-        if to_stdout:
-            print(text, file=out)
-        else:
-            with open(opts["json"], "w") as f:
-                f.write(text + "\n")
-    if train.dist_on():
+        with nullcontext(out) if to_stdout else open(opts["json"], "w") as f:
+            print(json.dumps(result, indent=1), file=f)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result
 

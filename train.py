@@ -166,6 +166,12 @@ def window_batch(data, starts, T, device):
     return x.to(device), y.to(device)
 
 
+def get_batch(data, cfg, T, step, micro, rank, world, device):
+    """One micro-batch of training data as the model's keyword arguments."""
+    x, y = window_batch(data, train_starts(cfg, len(data), T, step, micro, rank, world), T, device)
+    return {"idx": x, "targets": y}
+
+
 def train_starts(cfg, n_tokens, T, step, micro, rank, world):
     """The window starts of one micro-batch on one rank: a pure function of (seed, step), so resuming at
     a step needs no sampler state, and every world size splits the same global batch."""
@@ -224,6 +230,8 @@ def setup(cfg):
                          "use --dtype=float32 (or bfloat16)")
     if dt == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"dtype='bfloat16' is not supported by {torch.cuda.get_device_name(device)}; use float16")
+    if cfg["compile"] is None:
+        cfg["compile"] = device.type == "cuda"
     if cfg["compile"] and not (torch._dynamo.is_dynamo_supported() and device.type in ("cpu", "cuda")):
         raise ValueError(f"compile=True is not supported here (Python {sys.version.split()[0]}, device "
                          f"{device.type}); use --compile=False")
@@ -325,6 +333,28 @@ def get_lr(cfg, step):
 
 # -----------------------------------------------------------------------------------------------
 
+def autocast(device, ptdtype, parallel):
+    """bf16/fp16 autocast, except under FSDP, which casts through its MixedPrecisionPolicy instead."""
+    return torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 and parallel != "fsdp" else nullcontext()
+
+
+def forward_backward(model, optimizer, scaler, batches, cfg, ctx, parallel):
+    """Forward and backward over one step's micro-batches, reducing gradients on the last one only, then
+    unscale and clip. Returns (summed loss, gradient norm); applying the update is left to the caller."""
+    A, loss_sum = cfg["gradient_accumulation_steps"], 0.0
+    for micro, batch in enumerate(batches):
+        last = micro == A - 1
+        if parallel == "fsdp":
+            model.set_requires_gradient_sync(last)  # reduce-scatter gradients only once per step
+        with model.no_sync() if parallel == "ddp" and not last else nullcontext(), ctx:
+            _, loss = model(**batch)
+            loss = loss / A
+        scaler.scale(loss).backward()
+        loss_sum = loss_sum + loss.detach()
+    scaler.unscale_(optimizer)
+    return loss_sum, torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf"))
+
+
 @torch.no_grad()
 def evaluate(model, val, cfg, T, device, ctx, rank, world):
     """Mean loss over eval_iters fixed batches of validation windows per rank."""
@@ -347,8 +377,6 @@ def train(cfg):
     device, ptdtype, rank, world, parallel = setup(cfg)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    if cfg["compile"] is None:
-        cfg["compile"] = device.type == "cuda"
     B, A = cfg["batch_size"], cfg["gradient_accumulation_steps"]
     meta, train_data, val = load_dataset(cfg, rank)
 
@@ -375,7 +403,7 @@ def train(cfg):
     raw_model = model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     optimizer = make_optimizer(cfg, raw_model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
     step, best_val, bad_evals = 0, float("inf"), 0
@@ -384,8 +412,7 @@ def train(cfg):
     if resuming:
         scaler.load_state_dict(ckpt["scaler"])
         step, best_val, bad_evals = ckpt["step"], ckpt["best_val"], ckpt["bad_evals"]
-    ctx = (torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 and parallel != "fsdp"
-           else nullcontext())  # FSDP casts through its MixedPrecisionPolicy instead
+    ctx = autocast(device, ptdtype, parallel)
 
     log(json.dumps({k: cfg[k] for k in DEFAULTS}, indent=None))
     log(f"model {cfg['model']}: {raw_model.num_params():,} parameters; {asdict(mcfg)}")
@@ -458,20 +485,8 @@ def train(cfg):
             group["lr"] = lr
         t_step = time.time()
         torch.manual_seed(cfg["seed"] * 1_000_003 + step * 1009 + rank)  # dropout: a function of the step, so resume is exact
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(A):
-            x, y = window_batch(train_data, train_starts(cfg, len(train_data), T, step, micro, rank, world), T, device)
-            last = micro == A - 1
-            if parallel == "fsdp":
-                model.set_requires_gradient_sync(last)  # reduce-scatter gradients only once per step
-            sync = model.no_sync() if parallel == "ddp" and not last else nullcontext()
-            with sync, ctx:
-                _, loss = model(x, y)
-                loss = loss / A
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf"))
+        batches = (get_batch(train_data, cfg, T, step, micro, rank, world, device) for micro in range(A))
+        loss_sum, norm = forward_backward(model, optimizer, scaler, batches, cfg, ctx, parallel)
         # one collective per step: the loss, and whether any rank saw a signal or wants a timed save
         timed = cfg["checkpoint_every_minutes"] and time.time() - saved["time"] > 60 * cfg["checkpoint_every_minutes"]
         flags = all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(bool(stop)), device=device),
