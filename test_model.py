@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
+import bench
 import model as M
 import prepare
 import train
@@ -600,6 +603,160 @@ def test_activation_checkpointing_same_loss_and_grads():
     assert losses[0] == losses[1]
     for (n, p), q in zip(plain.named_parameters(), ac.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+# ------------------------------------------------------------------------------------------------
+# bench.py: FLOP count, memory estimator, JSON output (no timing assertions)
+
+TINY_BENCH = ["--model=tiny", "--n_layer=1", "--batch_size=2", "--block_size=32", "--steps=2", "--warmup=1",
+              "--synthetic", "--threads=1", "--device=cpu"]
+
+
+def check_result(r):
+    """The numbers of one variant are consistent with each other and with model.py."""
+    assert {"model", "n_params", "model_config", "device", "dtype", "threads", "tokens_per_step", "ms_per_step",
+            "tokens_per_s", "flops_per_token", "achieved_tflops", "peak_tflops", "peak_source", "mfu", "memory",
+            "estimated_total_bytes", "speedup"} <= set(r)
+    ms = r["ms_per_step"]
+    assert len(ms["all"]) == r["steps"] and ms["min"] <= ms["p25"] <= ms["median"] <= ms["p75"] <= ms["max"]
+    assert r["tokens_per_step"] == r["batch_size"] * r["block_size"] * r["gradient_accumulation_steps"]
+    assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (ms["median"] / 1000))
+    mcfg = M.ModelConfig(**r["model_config"])
+    assert r["flops_per_token"] == M.flops_per_token(mcfg, r["block_size"], training=True)
+    assert r["achieved_tflops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / 1e12)
+    assert r["mfu"] == pytest.approx(r["achieved_tflops"] / r["peak_tflops"])
+    assert r["peak_tflops"] > 0 and r["peak_source"] and r["memory"]["peak_bytes"] > 0 and r["memory"]["source"]
+
+
+def test_bench_cli_json_on_stdout():
+    out = subprocess.run([sys.executable, "bench.py", *TINY_BENCH, "--json"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)  # nothing but the JSON on stdout; the log went to stderr
+    assert "ms/step" in out.stderr
+    check_result(r)
+    with torch.device("meta"):
+        n = M.Transformer(M.ModelConfig(**r["model_config"])).num_params()
+    assert (r["model"], r["n_params"], r["data"], r["threads"], r["device"]) == ("tiny", n, "synthetic", 1, "cpu")
+    assert r["peak_source"] == "measured fp32 matmul" and r["speedup"] == 1.0
+    assert r["memory"]["source"].startswith("peak RSS")
+
+
+def test_bench_compare_json_file_and_profile(tmp_path, capsys):
+    path, trace = tmp_path / "b.json", tmp_path / "trace.json"
+    bench.main(TINY_BENCH + ["--compare", "n_layer=1,n_layer=2+batch_size=1", f"--json={path}", f"--profile={trace}",
+                             "--peak_tflops=0.5"])
+    torch.set_num_threads(1)
+    assert "speedup" in capsys.readouterr().out  # with --json=PATH the log stays on stdout
+    res = json.loads(path.read_text())["variants"]
+    assert [v["name"] for v in res] == ["n_layer=1", "n_layer=2+batch_size=1"]
+    assert [(v["model_config"]["n_layer"], v["batch_size"]) for v in res] == [(1, 2), (2, 1)]
+    for v in res:
+        check_result(v)
+        assert (v["peak_tflops"], v["peak_source"]) == (0.5, "--peak_tflops")
+    assert res[0]["speedup"] == 1.0 and res[1]["speedup"] > 0
+    assert "traceEvents" in json.loads(trace.read_text())
+
+
+def test_bench_args():
+    opts, rest = bench.parse_args(["--estimate", "llama-7b", "--gpus", "64", "--parallel", "fsdp", "--json"])
+    assert (opts["estimate"], opts["gpus"], opts["json"]) == ("llama-7b", 64, True)
+    cfg = train.get_config(rest)
+    assert (cfg["model"], cfg["parallel"]) == ("llama-7b", "fsdp")
+    opts, rest = bench.parse_args(["--synthetic", "--steps=5", "--batch_size", "4", "--compare=compile=False,compile=True"])
+    assert (opts["synthetic"], opts["steps"], opts["compare"]) == (True, 5, "compile=False,compile=True")
+    assert train.get_config(rest)["batch_size"] == 4
+    with pytest.raises(ValueError, match="unknown config key"):
+        bench.main(["--estimate", "--batch_sise=4"])
+
+
+# ------------------------------------------------------------------------------------------------
+# memory estimate
+
+# small enough to count by hand: GPT-2 style, no biases (LayerNorm weights only), tied head
+HAND = M.ModelConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=4, bias=False)
+HAND_N = 10 * 4 + 8 * 4 + (4 + 4 * 4 + 4 * 8 + 4 * 4) + (4 + 4 * 16 + 16 * 4) + 4  # emb, pos, attn, mlp, final norm
+
+
+def test_estimate_arithmetic():
+    est = lambda world, parallel, **kw: bench.estimate_memory(
+        HAND, **{**dict(batch_size=2, seq_len=8, world=world, parallel=parallel, dtype="float32",
+                        activation_checkpointing="none"), **kw})
+    fsdp, ddp = est(4, "fsdp"), est(4, "ddp")
+    assert fsdp["n_params"] == ddp["n_params"] == HAND_N == 276
+    assert (fsdp["params"], fsdp["grads"], fsdp["optimizer"]) == (4 * HAND_N / 4, 4 * HAND_N / 4, 8 * HAND_N / 4)
+    assert (ddp["params"], ddp["grads"], ddp["optimizer"], ddp["buffers"]) == (4 * HAND_N, 4 * HAND_N, 8 * HAND_N, 0)
+    # fp32, one layer, s*b*h = 64: LayerNorm inputs 2*4, attention input + q,kv,out 4*5, MLP in + GELU in/out
+    # 4*(1 + 2*16/4); logsumexp 4*heads*s*b; head: norm in + LM-head in 8*s*b*h, logits (4 + 4 + 8)*s*b*V
+    layer = 64 * (8 + 4 * 5 + 4 * 9) + 4 * 16
+    assert ddp["activations"] == fsdp["activations"] == layer + 64 * 8 + 16 * 10 * 16
+    for k in ("params", "grads", "optimizer"):  # doubling the GPUs halves the sharded terms only
+        assert est(8, "fsdp")[k] == fsdp[k] / 2 and est(8, "ddp")[k] == ddp[k]
+    assert est(8, "fsdp")["activations"] == fsdp["activations"]
+    # the peak: all activations at the start of backward, or nearly all gradients and one block's at its end
+    assert ddp["total"] == ddp["params"] + ddp["optimizer"] + ddp["buffers"] + max(ddp["activations"], ddp["grads"] + layer)
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama-7b"])
+def test_estimate_checkpointing_and_dtype(preset):
+    mcfg = M.config_from_preset(preset)
+    est = lambda **kw: bench.estimate_memory(mcfg, **{**dict(batch_size=2, seq_len=mcfg.block_size, world=8,
+                                                            parallel="fsdp", dtype="bfloat16", activation_checkpointing="none"), **kw})
+    with torch.device("meta"):
+        assert est()["n_params"] == M.Transformer(mcfg).num_params()
+    assert est(activation_checkpointing="full")["activations"] < est()["activations"]
+    assert est(activation_checkpointing="full")["total"] < est()["total"]
+    assert est(dtype="float32")["activations"] > est()["activations"]
+    assert est(batch_size=4)["activations"] == pytest.approx(2 * est()["activations"])
+
+
+@pytest.mark.parametrize("model_kw,dtype,ac", [
+    (dict(model="gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=257), "float32", "none"),
+    (dict(model="tiny", n_layer=2), "float32", "none"),
+    (dict(model="tiny", n_layer=2, n_kv_head=2), "bfloat16", "none"),
+    (dict(model="tiny", n_layer=2), "float32", "full"),
+])
+def test_estimate_matches_cpu_allocator_peak(model_kw, dtype, ac):
+    """The estimate against the CPU allocator's peak during one training step (the profiler's memory
+    events), on top of the weights and optimizer state that exist before it."""
+    argv = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in model_kw.items()]
+    cfg = train.get_config(argv + ["--batch_size=4", "--block_size=64", f"--dtype={dtype!r}", "--threads=1",
+                                   f"--activation_checkpointing={ac!r}", "--device='cpu'", "--compile=False"])
+    v = bench.build_variant(cfg, dict(bench.OPTIONS, synthetic=True))
+    bench.train_step(v)  # creates the optimizer state
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        bench.train_step(v)
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"anvil_mem_{os.getpid()}.json"
+    prof.export_chrome_trace(str(path))
+    mem = [e["args"] for e in json.loads(path.read_text())["traceEvents"]
+           if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    path.unlink()
+    peak = max(m["Total Allocated"] for m in mem) - (mem[0]["Total Allocated"] - mem[0]["Bytes"])
+    est = bench.estimate_memory(v["mcfg"], 4, 64, 1, "single", dtype, ac)
+    assert est["total"] - est["params"] - est["optimizer"] == pytest.approx(peak, rel=0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs
+
+@pytest.mark.parametrize("kw", [dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32),
+                                dict(M.PRESETS["llama-50m"], vocab_size=97, block_size=16, n_layer=2, n_head=4,
+                                     n_kv_head=2, n_embd=32, multiple_of=16)])
+def test_flops_per_token_matches_flop_counter(kw):
+    """model.flops_per_token against torch's count of every matmul: the math SDPA backend runs the
+    attention as two bmm (the CPU flash kernel has no FLOP formula), over the full T x T scores, which is
+    what flops_per_token counts too. Backward does two matmuls per forward one: 3x."""
+    cfg = M.ModelConfig(**kw)
+    m = M.Transformer(cfg)
+    B, T = 2, cfg.block_size
+    x = torch.randint(cfg.vocab_size, (B, T))
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fwd:
+            m(x, x)
+        with FlopCounterMode(display=False) as both:
+            m(x, x)[1].backward()
+    assert fwd.get_total_flops() == M.flops_per_token(cfg, T, training=False) * B * T
+    assert both.get_total_flops() == M.flops_per_token(cfg, T, training=True) * B * T
 
 
 # ------------------------------------------------------------------------------------------------
