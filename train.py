@@ -421,6 +421,9 @@ def train(cfg):
     peak, peak_src = M.peak_flops(device, ptdtype)
     log(f"device {device} {str(ptdtype).split('.')[-1]}, parallel={parallel} world={world}, "
         f"{tokens_per_step:,} tokens/step, MFU vs {peak / 1e12:.2f} TFLOP/s ({peak_src})")
+    shard = world if parallel == "fsdp" else 1  # fp32 weights and grads, AdamW's two fp32 moments
+    log("per-rank memory estimate: " + ", ".join(f"{k} {b * raw_model.num_params() / shard / 2**30:.2f} GiB" for k, b in
+                                                  (("params", 4), ("grads", 4), ("optimizer", 8))) + " + activations")
     out = cfg["out_dir"]
     if master:
         os.makedirs(out, exist_ok=True)
@@ -523,8 +526,10 @@ def train(cfg):
             eta = dt_ema * (cfg["max_iters"] - step)
             write_log({"step": step, "loss": round(train_loss, 4), "lr": lr, "tok_s": round(tok_s), "mfu": round(mfu, 4),
                        "ms_step": round(dt_ema * 1000, 1), "eta_s": round(eta), "elapsed_s": round(time.time() - t0, 1)})
+            mem = (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated "
+                   f"{torch.cuda.max_memory_reserved(device) / 2**30:.1f} reserved" if device.type == "cuda" else "")
             log(f"step {step}: loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, MFU {mfu:.1%}, "
-                f"{dt_ema * 1000:.1f} ms/step, ETA {eta / 60:.1f} min")
+                f"{dt_ema * 1000:.1f} ms/step, ETA {eta / 60:.1f} min{mem}")
     summary.update(step=step, best_val=best_val, model=raw_model, wall_s=time.time() - t0)
     return summary
 
