@@ -217,6 +217,14 @@ def test_config_errors(argv, match):
         train.get_config(argv)
 
 
+def test_every_config_file_is_valid():
+    for path in sorted((REPO / "config").glob("*.py")):
+        cfg = train.get_config([str(path)])  # unknown keys or wrong types would raise
+        if cfg["init_from"] in ("scratch", "resume"):
+            mcfg = M.config_from_preset(cfg["model"], **{k: cfg[k] for k in train.MODEL_KEYS if cfg.get(k) is not None})
+            assert mcfg.block_size >= (cfg["block_size"] or 0), path.name
+
+
 def test_config_file_unknown_key(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("import math\nn_layers = 4\n")
