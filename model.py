@@ -302,7 +302,7 @@ class Transformer(nn.Module):
             return logits, loss
         nsp = self.nsp_head(pooled)  # (B, 2)
         if targets is not None:  # the decoder only where there is something to predict: ~15% of positions
-            x, targets = x[targets != -1], targets[targets != -1]  # (N, C), (N,)
+            x, targets = x[targets != -1], targets[targets != -1]  # (N, C), (N,); N varies (a host sync on CUDA)
         h = self.mlm_norm(F.gelu(self.mlm_dense(x), approximate=self.cfg.gelu_approx))
         mlm = self.lm_head(h)  # (N, V) or (B, T, V)
         loss = None
@@ -383,7 +383,7 @@ def metric_sums(head, logits, loss, batch):
     else:
         t = batch["targets"]
         parts = ce_acc(logits[0], t[t != -1]) + ce_acc(logits[1], batch["labels"])
-    return torch.stack([torch.as_tensor(v, device=logits[0].device).double() for v in parts])
+    return torch.stack([torch.as_tensor(v, device=batch["idx"].device).double() for v in parts])
 
 
 def summarize(head, sums):

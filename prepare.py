@@ -339,6 +339,8 @@ def encoder_corpus(data_dir, split, meta, objective):
             raise ValueError(f"{data_dir} has no labels (meta.json 'labels'); objective='classify' needs a labelled "
                              f"corpus: prepare.py --classify --name=NAME --input=FILE.jsonl")
         c["labels"] = np.load(Path(data_dir) / f"{split}_labels.npy")
+        if len(c["labels"]) != len(ends):
+            raise ValueError(f"{data_dir}: {len(c['labels'])} {split} labels for {len(ends)} documents; re-run prepare.py")
         return c
     table = newline_tokens(meta)
     c["nl"] = _positions(data, lambda a: table[a])

@@ -38,8 +38,8 @@ from checkpoint import (barrier, check_weights, dist_on, find_checkpoint, load_c
 out_dir = "out"
 init_from = "scratch"       # 'scratch' | 'resume' (latest checkpoint in out_dir) | a checkpoint path (fine-tune)
 eval_interval = 250         # evaluate (and checkpoint) every this many steps
-eval_iters = 16             # validation batches per evaluation: a fixed set, comparable across runs
-log_interval = 25
+eval_iters = 32             # validation batches per evaluation: a fixed set, comparable across runs
+log_interval = 50
 patience = 0                # early stopping: stop after this many evaluations without improvement (0: off)
 save_checkpoints = True
 checkpoint_interval = 0     # save every this many steps; 0: at every evaluation
@@ -50,7 +50,9 @@ max_bad_steps = 10          # stop after this many non-finite (NaN/inf) steps in
 data_root = "data"
 dataset = "pystdlib"        # data_root/dataset/{train.bin,val.bin,meta.json}, see prepare.py
 tokenizer = "bytes"         # used only when the built-in dataset has to be prepared
-batch_size = 32             # sequences per micro-step per rank
+objective = "clm"           # 'clm' next token | 'mlm_nsp' BERT's masked LM + next sentence | 'classify' labelled text
+seq_len = 0                 # tokens per sequence; 0: the model's block_size (BERT: 128, then 512, one position table)
+batch_size = 8              # sequences per micro-step per rank (small batches, many steps: best for a CPU budget)
 gradient_accumulation_steps = 1  # micro-steps per optimizer step; global batch = batch_size * this * world
 # model: a preset from model.PRESETS; the fields after it override the preset (None: keep the preset's)
 model = "tiny"
@@ -70,7 +72,7 @@ bias = None
 dropout = None
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 3e-3
-max_iters = 2000
+max_iters = 3000
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -149,9 +151,9 @@ def get_config(argv):
 def load_dataset(cfg, rank):
     data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
     meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path) and cfg["dataset"] == "pystdlib" and rank == 0:
+    if not os.path.exists(meta_path) and cfg["dataset"] in ("pystdlib", prepare.CLASSIFY_DEMO) and rank == 0:
         print(f"preparing the built-in corpus into {data_dir} (once)")
-        prepare.prepare(name="pystdlib", tokenizer=cfg["tokenizer"], out_dir=cfg["data_root"])
+        prepare.prepare(name=cfg["dataset"], tokenizer=cfg["tokenizer"], out_dir=cfg["data_root"])
     barrier()
     meta = prepare.load_meta(data_dir)
     return meta, prepare.load_split(data_dir, "train", meta), prepare.load_split(data_dir, "val", meta)
@@ -167,9 +169,22 @@ def window_batch(data, starts, T, device):
 
 
 def get_batch(data, cfg, T, step, micro, rank, world, device):
-    """One micro-batch of training data as the model's keyword arguments."""
+    """One micro-batch of training data as the model's keyword arguments. `data`: the token array, or for
+    the encoder objectives the split indexed by prepare.encoder_corpus."""
+    if isinstance(data, dict):
+        first = (micro * world + rank) * cfg["batch_size"]  # this rank's slice of the global batch, as in train_starts
+        return encoder_batch(cfg, data, T, device, range(first, first + cfg["batch_size"]), step)
     x, y = window_batch(data, train_starts(cfg, len(data), T, step, micro, rank, world), T, device)
     return {"idx": x, "targets": y}
+
+
+def encoder_batch(cfg, corpus, T, device, rows, step=None):
+    """MLM+NSP pairs or labelled examples (prepare.encoder_batch) for global row numbers `rows`, as tensors:
+    drawn from (seed, step, row) in training, so like train_starts they need no state to resume; the
+    fixed validation rows without a step."""
+    b = prepare.encoder_batch(corpus, T, cfg["objective"], rows, None if step is None else cfg["seed"], step)
+    b = {k: torch.from_numpy(v) for k, v in b.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device) for k, v in b.items()}
 
 
 def train_starts(cfg, n_tokens, T, step, micro, rank, world):
@@ -249,18 +264,28 @@ def setup(cfg):
 # model: built on the meta device, parallelised from outside, then materialised and initialised
 
 def model_config(cfg, meta, ckpt_args=None):
-    if ckpt_args is not None:  # resume / fine-tune: the checkpoint's architecture; only dropout may change
+    heads = {"clm": "lm", "mlm_nsp": "mlm_nsp", "classify": "classify"}
+    if cfg["objective"] not in heads:
+        raise ValueError(f"objective={cfg['objective']!r} is not one of {list(heads)}")
+    head = heads[cfg["objective"]]
+    # the encoder objectives: bidirectional, their head, [CLS] [SEP] [MASK] [PAD] after the base vocabulary
+    task = {} if head == "lm" else dict(head=head, causal=False, **({"n_labels": len(meta["labels"])} if head == "classify" else {}))
+    vocab = meta["vocab_size"] + (prepare.N_SPECIAL if task else 0)
+    if ckpt_args is not None:  # resume / fine-tune: the checkpoint's architecture; only dropout (and the head) may change
         for k in MODEL_KEYS:
             if cfg.get(k) is not None and k != "dropout" and cfg[k] != ckpt_args[k]:
                 raise ValueError(f"the checkpoint was trained with {k}={ckpt_args[k]!r} but the config sets {k}="
                                  f"{cfg[k]!r}: a different architecture; drop the override to use the checkpoint's")
-        return M.ModelConfig(**dict(ckpt_args, dropout=cfg["dropout"] if cfg["dropout"] is not None else ckpt_args["dropout"]))
-    overrides = {k: cfg[k] for k in MODEL_KEYS if cfg.get(k) is not None}
-    overrides.setdefault("vocab_size", meta["vocab_size"])
-    mcfg = M.config_from_preset(cfg["model"], **overrides)
-    if mcfg.vocab_size < meta["vocab_size"]:
-        raise ValueError(f"vocab_size={mcfg.vocab_size} is smaller than the dataset's vocabulary "
-                         f"({meta['vocab_size']}, tokenizer {meta['tokenizer']}): token ids would overflow the embedding")
+        mcfg = M.ModelConfig(**dict(ckpt_args, **task, dropout=cfg["dropout"] if cfg["dropout"] is not None else ckpt_args["dropout"]))
+    else:
+        overrides = {**({"type_vocab_size": 2} if task else {}), **task, **{k: cfg[k] for k in MODEL_KEYS if cfg.get(k) is not None}}
+        mcfg = M.config_from_preset(cfg["model"], **{"vocab_size": vocab, **overrides})
+    if mcfg.head != head:
+        raise ValueError(f"the model has head={mcfg.head!r}, objective={cfg['objective']!r} needs {head!r}: "
+                         f"set objective to match the checkpoint or the preset")
+    if mcfg.vocab_size < vocab:
+        raise ValueError(f"vocab_size={mcfg.vocab_size} is smaller than the dataset's vocabulary ({vocab}: tokenizer "
+                         f"{meta['tokenizer']}{' + 4 special tokens' if task else ''}): token ids would overflow the embedding")
     return mcfg
 
 
@@ -338,38 +363,45 @@ def autocast(device, ptdtype, parallel):
     return torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 and parallel != "fsdp" else nullcontext()
 
 
-def forward_backward(model, optimizer, scaler, batches, cfg, ctx, parallel):
+def forward_backward(model, optimizer, scaler, batches, cfg, ctx, parallel, head="lm"):
     """Forward and backward over one step's micro-batches, reducing gradients on the last one only, then
-    unscale and clip. Returns (summed loss, gradient norm); applying the update is left to the caller."""
-    A, loss_sum = cfg["gradient_accumulation_steps"], 0.0
+    unscale and clip. Returns (summed loss, gradient norm, summed M.metric_sums, 0 for the lm head);
+    applying the update is left to the caller."""
+    A, loss_sum, sums = cfg["gradient_accumulation_steps"], 0.0, 0
     for micro, batch in enumerate(batches):
         last = micro == A - 1
         if parallel == "fsdp":
             model.set_requires_gradient_sync(last)  # reduce-scatter gradients only once per step
         with model.no_sync() if parallel == "ddp" and not last else nullcontext(), ctx:
-            _, loss = model(**batch)
+            logits, loss = model(**batch)
+            if head != "lm":  # the loss parts and accuracies, for the log line
+                sums = sums + M.metric_sums(head, logits, loss, batch)
             loss = loss / A
         scaler.scale(loss).backward()
         loss_sum = loss_sum + loss.detach()
     scaler.unscale_(optimizer)
-    return loss_sum, torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf"))
+    return loss_sum, torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf")), sums
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg, T, device, ctx, rank, world):
-    """Mean loss over eval_iters fixed batches of validation windows per rank."""
+def evaluate(model, val, cfg, T, device, ctx, rank, world, head="lm"):
+    """Metrics over eval_iters fixed validation batches per rank: {"loss": the mean loss (mlm_nsp: the
+    total L_MLM + L_NSP), and the head's parts and accuracies, M.METRICS}. `val` as in get_batch."""
     model.eval()
-    n_batches = cfg["eval_iters"] * world  # the same windows at every world size with the same global batch
-    starts = eval_starts(len(val), T, n_batches * cfg["batch_size"])
-    total = torch.zeros(2, device=device, dtype=torch.float64)
+    n_batches, B = cfg["eval_iters"] * world, cfg["batch_size"]  # the same rows at every world size with the same global batch
+    starts = None if isinstance(val, dict) else eval_starts(len(val), T, n_batches * B)
+    total = torch.zeros(2 * len(M.METRICS[head]), device=device, dtype=torch.float64)
     for i in range(rank, n_batches, world):
-        x, y = window_batch(val, starts[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]], T, device)
+        if starts is None:
+            batch = encoder_batch(cfg, val, T, device, range(i * B, (i + 1) * B))
+        else:
+            x, y = window_batch(val, starts[i * B:(i + 1) * B], T, device)
+            batch = {"idx": x, "targets": y}
         with ctx:
-            _, loss = model(x, y)
-        total += torch.tensor([loss.item() * y.numel(), y.numel()], device=device, dtype=torch.float64)
+            logits, loss = model(**batch)
+        total += M.metric_sums(head, logits, loss, batch)
     model.train()
-    total = all_reduce_sum(total)
-    return (total[0] / total[1]).item()
+    return M.summarize(head, all_reduce_sum(total))
 
 
 def train(cfg):
@@ -379,6 +411,8 @@ def train(cfg):
     log = print if master else (lambda *a, **k: None)
     B, A = cfg["batch_size"], cfg["gradient_accumulation_steps"]
     meta, train_data, val = load_dataset(cfg, rank)
+    src = (train_data, val) if cfg["objective"] == "clm" else [  # encoder objectives: documents, line ends, labels indexed once
+        prepare.encoder_corpus(os.path.join(cfg["data_root"], cfg["dataset"]), s, meta, cfg["objective"]) for s in ("train", "val")]
 
     ckpt, resuming = None, cfg["init_from"] == "resume"
     if resuming:
@@ -390,7 +424,10 @@ def train(cfg):
     elif cfg["init_from"] != "scratch":
         ckpt = load_checkpoint(cfg["init_from"])
     mcfg = model_config(cfg, meta, ckpt["model_args"] if ckpt else None)
-    T = mcfg.block_size
+    if ckpt and (ckpt["meta"]["tokenizer"], ckpt["meta"]["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"]):
+        raise ValueError(f"the checkpoint was trained with tokenizer {ckpt['meta']['tokenizer']!r}, dataset "
+                         f"{cfg['dataset']!r} uses {meta['tokenizer']!r}; prepare it with --tokenizer={ckpt['meta']['tokenizer']}")
+    T = cfg["seq_len"] or mcfg.block_size  # (the model refuses one longer than its block_size)
     for name, split in (("training", train_data), ("validation", val)):
         if len(split) <= T + 1:
             raise ValueError(f"the {name} split has {len(split)} tokens, not more than block_size={T}; "
@@ -407,6 +444,11 @@ def train(cfg):
     optimizer = make_optimizer(cfg, raw_model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
     step, best_val, bad_evals = 0, float("inf"), 0
+    if ckpt and not resuming and ckpt["model_args"].get("head", "lm") != mcfg.head:  # fine-tune onto another head
+        if "model" not in ckpt:
+            raise ValueError("fine-tuning onto another head needs a .pt checkpoint: export the sharded one with "
+                             "python sample.py --ckpt=PATH.dcp --export=FILE.pt")
+        ckpt["model"] = M.adapt_heads(ckpt["model"], raw_model, cfg["seed"])
     if ckpt:  # resume: weights, optimizer and counters; fine-tune: weights only
         restore(ckpt, raw_model, optimizer if resuming else None)
     if resuming:
@@ -462,18 +504,20 @@ def train(cfg):
             signal.signal(sig, lambda signum, frame: stop.append(signum))
 
     summary = {"train_losses": [], "evals": [], "stopped_early": False, "bad_steps": 0}
-    t0, dt_ema, bad_run = time.time(), None, 0
+    t0, dt_ema, bad_run, sums = time.time(), None, 0, 0
     last_eval = ckpt["last_eval"] if resuming else -1  # a resumed run does not repeat an evaluation
     while True:
         if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and step != last_eval:
-            val_loss = evaluate(model, val, cfg, T, device, ctx, rank, world)
+            metrics = evaluate(model, src[1], cfg, T, device, ctx, rank, world, mcfg.head)
+            val_loss, parts = metrics["loss"], {k: v for k, v in metrics.items() if k != "loss"}
             improved = val_loss < best_val
             best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
             summary["evals"].append((step, val_loss))
+            summary["metrics"] = metrics
             last_eval = step
             log(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
-                f"{' best' if improved else ''}")
-            write_log({"step": step, "val_loss": val_loss})
+                + "".join(f", {k} {v:.4f}" for k, v in parts.items()) + f"{' best' if improved else ''}")
+            write_log({"step": step, "val_loss": val_loss, **{f"val_{k}": v for k, v in parts.items()}})
             if step > 0 and (improved or not cfg["checkpoint_interval"]):
                 save(best=improved)
             if cfg["patience"] and bad_evals >= cfg["patience"]:
@@ -488,8 +532,9 @@ def train(cfg):
             group["lr"] = lr
         t_step = time.time()
         torch.manual_seed(cfg["seed"] * 1_000_003 + step * 1009 + rank)  # dropout: a function of the step, so resume is exact
-        batches = (get_batch(train_data, cfg, T, step, micro, rank, world, device) for micro in range(A))
-        loss_sum, norm = forward_backward(model, optimizer, scaler, batches, cfg, ctx, parallel)
+        batches = (get_batch(src[0], cfg, T, step, micro, rank, world, device) for micro in range(A))
+        loss_sum, norm, step_sums = forward_backward(model, optimizer, scaler, batches, cfg, ctx, parallel, mcfg.head)
+        sums = sums + step_sums  # summed until the next log line
         # one collective per step: the loss, and whether any rank saw a signal or wants a timed save
         timed = cfg["checkpoint_every_minutes"] and time.time() - saved["time"] > 60 * cfg["checkpoint_every_minutes"]
         flags = all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(bool(stop)), device=device),
@@ -522,13 +567,17 @@ def train(cfg):
         dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
         if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
             tok_s = tokens_per_step / dt_ema
+            parts = {k: v for k, v in M.summarize(mcfg.head, all_reduce_sum(sums)).items() if k != "loss"} if mcfg.head != "lm" else {}
+            sums = 0
             mfu = flops_tok * tok_s / (peak * world)
             eta = dt_ema * (cfg["max_iters"] - step)
             write_log({"step": step, "loss": round(train_loss, 4), "lr": lr, "tok_s": round(tok_s), "mfu": round(mfu, 4),
-                       "ms_step": round(dt_ema * 1000, 1), "eta_s": round(eta), "elapsed_s": round(time.time() - t0, 1)})
+                       "ms_step": round(dt_ema * 1000, 1), "eta_s": round(eta), "elapsed_s": round(time.time() - t0, 1),
+                       **{k: round(v, 4) for k, v in parts.items()}})
             mem = (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated "
                    f"{torch.cuda.max_memory_reserved(device) / 2**30:.1f} reserved" if device.type == "cuda" else "")
-            log(f"step {step}: loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, MFU {mfu:.1%}, "
+            log(f"step {step}: loss {train_loss:.4f}" + "".join(f", {k} {v:.3f}" for k, v in parts.items()) +
+                f", lr {lr:.2e}, {tok_s:,.0f} tok/s, MFU {mfu:.1%}, "
                 f"{dt_ema * 1000:.1f} ms/step, ETA {eta / 60:.1f} min{mem}")
     summary.update(step=step, best_val=best_val, model=raw_model, wall_s=time.time() - t0)
     return summary

@@ -1,15 +1,17 @@
 # What `python train.py` with no arguments does, spelled out: the tiny LLaMA-style model on the
 # built-in pystdlib corpus (bytes), prepared on first use. About 8 minutes on a 2-core CPU.
+# Chosen by a sweep at equal compute (2M tokens): batch 8 beat 16 and 32 (val 1.31 vs 1.32 vs 1.48),
+# learning rate 3e-3 beat 1e-2, 4x128 beat 2x256 and 4x192, weight decay 0.1/beta2 0.95 beat 0/0.99.
 out_dir = "out"
 dataset = "pystdlib"
 tokenizer = "bytes"
 model = "tiny"
-batch_size = 32
+batch_size = 8
 block_size = 256
-max_iters = 2000
+max_iters = 3000
 learning_rate = 3e-3
 min_lr = 3e-4
 warmup_iters = 100
 eval_interval = 250
-eval_iters = 16
+eval_iters = 32
 device = "auto"
