@@ -451,7 +451,7 @@ def peak_flops(device, dtype, measure=True):
     return measure_matmul_flops(device, dtype), f"measured {kind} matmul"
 
 
-def measure_matmul_flops(device, dtype, n=1024, reps=5):
+def measure_matmul_flops(device, dtype, n=2048, reps=5):  # best of reps: a busy machine only lowers it
     import time
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

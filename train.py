@@ -254,7 +254,7 @@ def setup(cfg):
         raise ValueError(f"activation_checkpointing={cfg['activation_checkpointing']!r} is not 'none' or 'full'")
     if device.type == "cpu":
         torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    if world > 1 and not dist_on():
+    if "RANK" in os.environ and not dist_on():  # under torchrun, even at world size 1 (DDP needs a group)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=timedelta(minutes=cfg["dist_timeout_minutes"]))
     return device, getattr(torch, dt), rank, world, parallel
