@@ -416,7 +416,9 @@ def test_bytes_tokenizer():
         prepare.get_tokenizer("no-such-tokenizer")
 
 
-def test_tiktoken_gpt2_roundtrip(tmp_path, monkeypatch):
+@pytest.fixture
+def gpt2(monkeypatch):
+    """tiktoken's gpt2 encoding, from ../shared/tiktoken-cache when present; skipped when it cannot be had."""
     pytest.importorskip("tiktoken")
     if TIKTOKEN_CACHE.is_dir():
         monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
@@ -424,6 +426,11 @@ def test_tiktoken_gpt2_roundtrip(tmp_path, monkeypatch):
         tok = prepare.get_tokenizer("gpt2")
     except RuntimeError as e:
         pytest.skip(f"gpt2 encoding not available offline: {e}")
+    return tok
+
+
+def test_tiktoken_gpt2_roundtrip(tmp_path, gpt2):
+    tok = gpt2
     assert (tok.vocab_size, tok.sep_id) == (50257, 50256)
     s = "def f(x):\n    return x ** 2  # <|endoftext|> stays text ✓\n"
     ids = tok.encode(s)
@@ -694,14 +701,8 @@ def test_nsp_pairs(lines_corpus):
             assert doc_a is None or len(bb) < 3 or int(bb[1:3]) != doc_a, (a, bb)
 
 
-def test_newline_table_tiktoken(monkeypatch):
-    pytest.importorskip("tiktoken")
-    if TIKTOKEN_CACHE.is_dir():
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
-    try:
-        tok = prepare.get_tokenizer("gpt2")
-    except RuntimeError as e:
-        pytest.skip(f"gpt2 encoding not available offline: {e}")
+def test_newline_table_tiktoken(gpt2):
+    tok = gpt2
     table = prepare.newline_tokens({"tokenizer": "gpt2", "vocab_size": 50257, "sep_id": 50256})
     ids = tok.encode("def f(x):\n    return x\n\n")
     assert [bool(table[i]) for i in ids] == ["\n" in tok.decode([i]) for i in ids] and table[ids].sum() == 2
