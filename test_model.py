@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import checkpoint
 import model as M
 import prepare
 import train
@@ -282,7 +283,7 @@ def test_checkpoint_contents(data_root, tmp_path):
 
 def test_atomic_checkpoint_write(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_file({"step": 1, "w": torch.ones(3)}, path)
+    checkpoint.save_file({"step": 1, "w": torch.ones(3)}, path)
 
     def broken_save(obj, f):
         f.write(b"partial garbage")
@@ -290,7 +291,7 @@ def test_atomic_checkpoint_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="No space left"):
-        train.save_file({"step": 2, "w": torch.zeros(3)}, path)
+        checkpoint.save_file({"step": 2, "w": torch.zeros(3)}, path)
     assert train.load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # and no temporary file is left behind
 
@@ -305,7 +306,7 @@ def test_finetune_from_checkpoint_and_early_stopping(data_root, tmp_path):
     assert s["evals"][0][1] == pytest.approx(ck["best_val"], abs=1e-6)
     assert s["stopped_early"] and [st for st, _ in s["evals"]] == [0, 5, 10] and s["step"] == 10
     with pytest.raises(ValueError, match="different architecture"):
-        train.check_weights(small_model("gpt2"), ck["model"])
+        checkpoint.check_weights(small_model("gpt2"), ck["model"])
 
 
 def test_bad_data_rejected_before_training(data_root, tmp_path):
@@ -1259,7 +1260,6 @@ def test_nonfinite_steps_are_skipped_then_stop(data_root, tmp_path, monkeypatch)
 
 
 def test_disk_full_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch):
-    import checkpoint
     saves, real_save = [0], torch.save
 
     def full_disk(obj, f):
@@ -1295,7 +1295,7 @@ def test_bad_checkpoints_refused(tmp_path):
     with pytest.raises(ValueError, match="cannot be read.*corrupted"):
         train.load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()  # the payload never ran
-    train.save_file({"step": 1, "w": torch.ones(1000)}, tmp_path / "ok.pt")
+    checkpoint.save_file({"step": 1, "w": torch.ones(1000)}, tmp_path / "ok.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:700])
     with pytest.raises(ValueError, match="corrupted, truncated"):
         train.load_checkpoint(tmp_path / "cut.pt")

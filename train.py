@@ -25,12 +25,10 @@ from dataclasses import asdict, fields
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import model as M
 import prepare
-from checkpoint import (barrier, check_weights, dist_on, find_checkpoint, load_checkpoint, prune_checkpoints, restore,
-                        save_checkpoint, save_file)
+from checkpoint import barrier, dist_on, find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
 
 # -----------------------------------------------------------------------------------------------
 # defaults
