@@ -38,11 +38,17 @@ def save_file(obj, path):
             os.remove(tmp)
 
 
-def find_checkpoint(out_dir):
-    """The newest complete checkpoint in out_dir (ckpt-STEP.pt, or a sharded ckpt-STEP.dcp folder), or None."""
+def list_checkpoints(out_dir):
+    """The complete ckpt-STEP.pt / ckpt-STEP.dcp names in out_dir, oldest step first."""
     names = [n for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith((".pt", ".dcp"))] \
         if os.path.isdir(out_dir) else []
-    return os.path.join(out_dir, max(names, key=lambda n: int(n[5:].split(".")[0]))) if names else None
+    return sorted(names, key=lambda n: int(n[5:].split(".")[0]))
+
+
+def find_checkpoint(out_dir):
+    """The newest complete checkpoint in out_dir (ckpt-STEP.pt, or a sharded ckpt-STEP.dcp folder), or None."""
+    names = list_checkpoints(out_dir)
+    return os.path.join(out_dir, names[-1]) if names else None
 
 
 def load_checkpoint(path):
@@ -119,9 +125,7 @@ def save_checkpoint(base, model, optimizer, extra, parallel, master):
 
 def prune_checkpoints(out_dir, keep):
     """Delete all but the newest `keep` ckpt-STEP checkpoints, and leftovers of interrupted saves."""
-    names = sorted((n for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith((".pt", ".dcp"))),
-                   key=lambda n: int(n[5:].split(".")[0]))
-    stale = names[:-keep] + [n for n in os.listdir(out_dir) if ".tmp" in n]
+    stale = list_checkpoints(out_dir)[:-keep] + [n for n in os.listdir(out_dir) if ".tmp" in n]
     for n in stale:
         p = os.path.join(out_dir, n)
         shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
