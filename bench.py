@@ -36,6 +36,7 @@ import torch
 
 import model as M
 import train
+from common import destroy_distributed, provenance
 
 OPTIONS = dict(steps=10, warmup=3, synthetic=False, compare=None, json=None, profile=None, peak_tflops=None,
                estimate=None, gpus=1)
@@ -63,12 +64,6 @@ def parse_args(argv):
     return opts, rest
 
 
-def model_config(cfg, meta):
-    if meta is None:  # synthetic data, or an estimate: the preset's own vocabulary unless --vocab_size
-        return M.config_from_preset(cfg["model"], **{k: cfg[k] for k in train.MODEL_KEYS if cfg.get(k) is not None})
-    return train.model_config(cfg, meta)
-
-
 # -----------------------------------------------------------------------------------------------
 # memory estimate: arithmetic only, per GPU (per process), in bytes
 
@@ -86,7 +81,6 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
     n, n_block = count_params(mcfg)
     n_rest = n - mcfg.n_layer * n_block  # embeddings, final norm, LM head (FSDP's root unit)
     e = (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize  # compute dtype bytes
-    shard = world if parallel == "fsdp" else 1
     ckpt = activation_checkpointing in (True, "full")
     s, b, h, f, a, V = seq_len, batch_size, mcfg.n_embd, mcfg.ffn_hidden, mcfg.n_head, mcfg.vocab_size
 
@@ -117,8 +111,7 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
         buffers = e * (n_rest + 2 * n_block) + (e + 4) * max(n_block, n_rest)
     else:  # DDP: train.py uses gradient_as_bucket_view=True, so gradients live in the buckets, no second copy
         buffers = 0
-    out = dict(n_params=n, params=4 * n / shard, grads=4 * n / shard, optimizer=8 * n / shard,
-               activations=acts, buffers=buffers)
+    out = dict(n_params=n, **train.state_bytes(n, world, parallel), activations=acts, buffers=buffers)
     # gradients are allocated (zero_grad sets them to None) as the backward pass frees activations, so the
     # peak is at its start (all activations) or at the first block (nearly all gradients, one block's)
     out["total"] = out["params"] + out["optimizer"] + buffers + max(acts, out["grads"] + layer)
@@ -126,7 +119,7 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
 
 
 def run_estimate(opts, cfg, emit):
-    mcfg = model_config(cfg, None)
+    mcfg = train.model_config(cfg)  # the preset's own vocabulary unless --vocab_size
     world = opts["gpus"]
     parallel = cfg["parallel"] if cfg["parallel"] != "auto" else "ddp" if world > 1 else "single"
     dtype = "bfloat16" if cfg["dtype"] == "auto" else cfg["dtype"]  # what 'auto' picks on a recent GPU
@@ -155,80 +148,73 @@ def sync(device):
 
 
 def build_variant(cfg, opts):
-    """Everything one configuration needs to take steps, built the way train.py builds it."""
-    device, ptdtype, rank, world, parallel = train.setup(cfg)  # sets the CPU thread count
+    """Everything one configuration needs to take steps, built by train.py's own functions."""
+    rt = train.setup(cfg)  # sets the CPU thread count
     real = not opts["synthetic"] and os.path.exists(os.path.join(cfg["data_root"], cfg["dataset"], "meta.json"))
-    meta, data = train.load_dataset(cfg, rank)[:2] if real else (None, None)
-    mcfg = model_config(cfg, meta)
-    raw = train.build_model(cfg, mcfg, device, ptdtype, parallel, world)
-    model = (torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                                       gradient_as_bucket_view=True) if parallel == "ddp" else raw)
-    T, B = mcfg.block_size, cfg["batch_size"]
+    run = train.resolve_run(cfg, rt) if real else None
+    mcfg = run.mcfg if real else train.model_config(cfg)  # synthetic: the preset's vocabulary unless --vocab_size
+    T, B = run.T if real else cfg["seq_len"] or mcfg.block_size, cfg["batch_size"]
     batches = []  # made once and reused: the timed loop holds no data loading
     for micro in range(cfg["gradient_accumulation_steps"]):
         if real:
-            batches.append(train.get_batch(data, cfg, T, 0, micro, rank, world, device))
+            batches.append(train.get_batch(run, cfg, rt, 0, micro))
         else:  # random inputs and targets: the step costs the same as on text
             g = torch.Generator().manual_seed(cfg["seed"] + micro)
-            x, y = torch.randint(mcfg.vocab_size, (2, B, T), generator=g).to(device)
+            x, y = torch.randint(mcfg.vocab_size, (2, B, T), generator=g).to(rt.device)
             batches.append({"idx": x, "targets": y})
-    key = (str(device), ptdtype, torch.get_num_threads())  # measure a CPU peak once, so variants share it
+    key = (str(rt.device), rt.dtype, torch.get_num_threads())  # measure a CPU peak once, so variants share it
     if key not in PEAKS:
-        PEAKS[key] = (opts["peak_tflops"] * 1e12, "--peak_tflops") if opts["peak_tflops"] else M.peak_flops(device, ptdtype)
+        PEAKS[key] = (opts["peak_tflops"] * 1e12, "--peak_tflops") if opts["peak_tflops"] else M.peak_flops(rt.device, rt.dtype)
     peak, peak_src = PEAKS[key]
-    return dict(cfg=cfg, device=device, dtype=ptdtype, world=world, parallel=parallel, mcfg=mcfg, raw=raw,
-                model=model, optimizer=train.make_optimizer(cfg, raw, device), batches=batches,
-                scaler=torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16),
-                ctx=train.autocast(device, ptdtype, parallel), threads=torch.get_num_threads(), data=cfg["dataset"] if real else "synthetic",
+    return dict(cfg=cfg, rt=rt, mcfg=mcfg, T=T, state=train.build(cfg, rt, mcfg), batches=batches,
+                threads=torch.get_num_threads(), data=cfg["dataset"] if real else "synthetic",
                 peak=peak, peak_src=peak_src, ms=[], mem=0, mem_reserved=0)
 
 
-def train_step(v):
-    """One optimizer step, with train.py's own forward/backward (accumulation, clipping)."""
-    train.forward_backward(v["model"], v["optimizer"], v["scaler"], v["batches"], v["cfg"], v["ctx"], v["parallel"])
-    v["scaler"].step(v["optimizer"])
-    v["scaler"].update()
-    v["optimizer"].zero_grad(set_to_none=True)
+def take_step(v):
+    """One optimizer step, train.py's own: accumulation, the step's collective, clipping, the update."""
+    train.train_step(v["state"], v["batches"], v["cfg"], v["rt"], v["cfg"]["learning_rate"])
 
 
 def timed_step(v):
     torch.set_num_threads(v["threads"])  # variants may differ in --threads
-    cuda = v["device"].type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(v["device"])
-    sync(v["device"])
+    device = v["rt"].device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
     t0 = time.perf_counter()
-    train_step(v)
-    sync(v["device"])
+    take_step(v)
+    sync(device)
     v["ms"].append((time.perf_counter() - t0) * 1000)
-    if cuda:
-        v["mem"] = max(v["mem"], torch.cuda.max_memory_allocated(v["device"]))
-        v["mem_reserved"] = max(v["mem_reserved"], torch.cuda.max_memory_reserved(v["device"]))
+    if device.type == "cuda":
+        v["mem"] = max(v["mem"], torch.cuda.max_memory_allocated(device))
+        v["mem_reserved"] = max(v["mem_reserved"], torch.cuda.max_memory_reserved(device))
 
 
-def summarize(v, opts, n_variants):
-    cfg, mcfg, ms, T = v["cfg"], v["mcfg"], sorted(v["ms"]), v["mcfg"].block_size
-    tokens = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * v["world"] * T
+def report(v, opts, n_variants):
+    """One variant's results: timings, throughput, MFU, memory (measured and estimated), and provenance."""
+    cfg, mcfg, ms, T, rt = v["cfg"], v["mcfg"], sorted(v["ms"]), v["T"], v["rt"]
+    tokens = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * rt.world * T
     q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else ms * 3
     tok_s = tokens / (med / 1000)
     fpt = M.flops_per_token(mcfg, T, training=True)  # model FLOPs: checkpointing's recomputation not counted
     achieved = fpt * tok_s / 1e12
-    if v["device"].type == "cuda":
+    if rt.device.type == "cuda":
         note = " (this variant's steps, all variants resident)" if n_variants > 1 else ""
         mem = dict(peak_bytes=v["mem"], reserved_bytes=v["mem_reserved"], source="torch.cuda.max_memory_allocated" + note)
     else:  # ru_maxrss is KiB on Linux, bytes on macOS; it cannot be reset, so it covers the whole process
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         mem = dict(peak_bytes=rss, source="peak RSS of the whole process (getrusage ru_maxrss)")
-    est = estimate_memory(mcfg, cfg["batch_size"], T, v["world"], v["parallel"], v["dtype"], cfg["activation_checkpointing"])
-    return dict(model=cfg["model"], n_params=v["raw"].num_params(), model_config=asdict(mcfg), data=v["data"],
-                device=str(v["device"]), dtype=str(v["dtype"]).split(".")[-1], compile=cfg["compile"],
-                activation_checkpointing=cfg["activation_checkpointing"], parallel=v["parallel"], world=v["world"],
+    est = estimate_memory(mcfg, cfg["batch_size"], T, rt.world, rt.parallel, rt.dtype, cfg["activation_checkpointing"])
+    return dict(model=cfg["model"], n_params=v["state"].raw.num_params(), model_config=asdict(mcfg), data=v["data"],
+                device=str(rt.device), dtype=str(rt.dtype).split(".")[-1], compile=rt.compile,
+                activation_checkpointing=cfg["activation_checkpointing"], parallel=rt.parallel, world=rt.world,
                 threads=v["threads"], batch_size=cfg["batch_size"], block_size=T,
                 gradient_accumulation_steps=cfg["gradient_accumulation_steps"], steps=len(ms), warmup=opts["warmup"],
                 tokens_per_step=tokens, ms_per_step=dict(median=med, min=ms[0], max=ms[-1], p25=q1, p75=q3, all=v["ms"]),
                 tokens_per_s=tok_s, flops_per_token=fpt, achieved_tflops=achieved, peak_tflops=v["peak"] / 1e12,
-                peak_source=v["peak_src"], mfu=achieved / (v["peak"] / 1e12 * v["world"]), memory=mem,
-                estimated_total_bytes=est["total"])
+                peak_source=v["peak_src"], mfu=achieved / (v["peak"] / 1e12 * rt.world), memory=mem,
+                estimated_total_bytes=est["total"], provenance=provenance(cfg, rt.device, rt.world))
 
 
 def run_bench(opts, rest, emit):
@@ -239,16 +225,17 @@ def run_bench(opts, rest, emit):
         v["name"] = item or "run"
         variants.append(v)
     m0 = variants[0]
-    emit(f"model {m0['cfg']['model']}: {m0['raw'].num_params():,} parameters, {m0['data']} data; "
-         f"{m0['device']}, parallel={m0['parallel']} world={m0['world']}; warmup {opts['warmup']}, steps {opts['steps']}")
+    rt = m0["rt"]
+    emit(f"model {m0['cfg']['model']}: {m0['state'].raw.num_params():,} parameters, {m0['data']} data; "
+         f"{rt.device}, parallel={rt.parallel} world={rt.world}; warmup {opts['warmup']}, steps {opts['steps']}")
     for v in variants:  # compilation, allocator and optimizer-state warm-up happen here
         for _ in range(opts["warmup"]):
-            train_step(v)
-        sync(v["device"])
+            take_step(v)
+        sync(v["rt"].device)
     for r in range(opts["steps"]):  # rotate the order each round so no variant always runs first
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             timed_step(v)
-    results = [summarize(v, opts, len(variants)) for v in variants]
+    results = [report(v, opts, len(variants)) for v in variants]
     for v, res in zip(variants, results):  # tokens/s over the first's, the median of per-round pairs:
         ratio = res["tokens_per_step"] / results[0]["tokens_per_step"]  # pairs cancel the machine's drift
         res["name"], res["speedup"] = v["name"], statistics.median(ratio * a / b for a, b in zip(variants[0]["ms"], v["ms"]))
@@ -266,12 +253,12 @@ def run_bench(opts, rest, emit):
 
     if opts["profile"]:
         path = "bench_trace.json" if opts["profile"] is True else opts["profile"]
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if m0["device"].type == "cuda" else [])
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
             for i in range(3):
                 with torch.profiler.record_function(f"train_step {i}"):
-                    train_step(m0)
-            sync(m0["device"])
+                    take_step(m0)
+            sync(rt.device)
         prof.export_chrome_trace(path)
         emit(f"profile of 3 steps of {m0['name']} written to {path} (open in https://ui.perfetto.dev)")
     return results[0] if len(results) == 1 else {"variants": results}
@@ -291,8 +278,6 @@ def main(argv):
     if opts["json"] and not quiet:
         with nullcontext(out) if to_stdout else open(opts["json"], "w") as f:
             print(json.dumps(result, indent=1), file=f)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return result
 
 
@@ -301,3 +286,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except ValueError as e:
         sys.exit(f"bench error: {e}")
+    finally:
+        destroy_distributed()

@@ -14,28 +14,11 @@ import shutil
 
 import torch
 
-
-
-def dist_on():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def barrier():
-    if dist_on():
-        torch.distributed.barrier()
+from common import atomic_write, barrier
 
 
 def save_file(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def list_checkpoints(out_dir):
@@ -45,10 +28,14 @@ def list_checkpoints(out_dir):
     return sorted(names, key=lambda n: int(n[5:].split(".")[0]))
 
 
-def find_checkpoint(out_dir):
-    """The newest complete checkpoint in out_dir (ckpt-STEP.pt, or a sharded ckpt-STEP.dcp folder), or None."""
-    names = list_checkpoints(out_dir)
-    return os.path.join(out_dir, names[-1]) if names else None
+def find_checkpoint(path):
+    """`path` itself if it is a checkpoint (a .pt file or a sharded .dcp folder), else the newest complete
+    ckpt-STEP in the run folder `path`; None if there is none."""
+    path = str(path)
+    if os.path.isfile(path) or path.rstrip("/").endswith(".dcp") and os.path.isdir(path):
+        return path
+    names = list_checkpoints(path)
+    return os.path.join(path, names[-1]) if names else None
 
 
 def load_checkpoint(path):

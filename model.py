@@ -93,7 +93,7 @@ PRESETS = {
 }
 
 
-def config_from_preset(name, **overrides):
+def config_from_preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     names = {f.name for f in fields(ModelConfig)}
@@ -101,6 +101,12 @@ def config_from_preset(name, **overrides):
     if bad:
         raise ValueError(f"unknown ModelConfig field(s) {bad}; valid fields: {sorted(names)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def mix_seed(seed: int, n: int) -> int:
+    """One generator seed from the run's seed and a number (a step, a parameter name's hash): the one
+    formula behind initialisation, data order and dropout, so each is a pure function of the seed."""
+    return seed * 1_000_003 + n
 
 
 def Norm(cfg):
@@ -235,7 +241,7 @@ class Transformer(nn.Module):
         # depth; post-LN renormalises every sum, and BERT draws everything with 0.02
         scaled = getattr(module, "residual", False) and not self.cfg.post_norm
         std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if scaled else 0.02
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        g = torch.Generator(device=device).manual_seed(mix_seed(seed, zlib.crc32(name.encode())))
         return torch.randn(shape, generator=g, device=device) * std
 
     @torch.no_grad()
@@ -259,7 +265,9 @@ class Transformer(nn.Module):
             n -= sum(e.weight.numel() for e in (self.tok_emb, self.pos_emb, self.type_emb) if e is not None)
         return n
 
-    def forward(self, idx, targets=None, cache=None, pos=0, attn_mask=None, token_type_ids=None, labels=None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: list | None = None, pos: int = 0,
+                attn_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> tuple:
         """idx (B, T) token ids. targets (B, T): next tokens (head lm) or the original ids at the positions
         chosen for MLM, -1 elsewhere (ignored). attn_mask (B, T) bool, True at real tokens: padding keys are
         never attended. token_type_ids (B, T) segment ids. labels (B,): NSP (0 IsNext, 1 NotNext) or class.
@@ -318,8 +326,9 @@ class Transformer(nn.Module):
                 for _ in range(self.cfg.n_layer)]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 generator=None):
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Extend idx (B, T) by max_new_tokens. temperature=0 is greedy. With use_cache, keys and values
         are kept per layer so each new token costs one position; when the cache is full the window is
         re-filled from the last block_size//2 tokens."""
@@ -369,7 +378,7 @@ HEAD_PREFIXES = ("lm_head.", "mlm_", "nsp_head.", "pooler.", "cls_head.")
 @torch.no_grad()
 def metric_sums(head, logits, loss, batch):
     """(sum, count) of each METRICS[head] entry over one batch, flattened to a float64 vector: sums add up
-    across micro-batches, evaluation batches and ranks (one all_reduce), and summarize() divides at the end."""
+    across micro-batches, evaluation batches and ranks (one all_reduce), and metrics_from_sums() divides at the end."""
     if head == "lm":
         n = (batch["targets"] != -1).sum()
         return torch.stack([loss.detach().double() * n, n.double()])
@@ -386,7 +395,7 @@ def metric_sums(head, logits, loss, batch):
     return torch.stack([torch.as_tensor(v, device=batch["idx"].device).double() for v in parts])
 
 
-def summarize(head, sums):
+def metrics_from_sums(head, sums):
     """{name: mean} from metric_sums vectors added up; "loss" is the total (for mlm_nsp L_MLM + L_NSP)."""
     sums = sums.tolist()
     out = {name: sums[2 * i] / max(sums[2 * i + 1], 1) for i, name in enumerate(METRICS[head])}
@@ -409,7 +418,7 @@ def adapt_heads(state, model, seed=0):
 # ----------------------------------------------------------------------------------------------
 # FLOPs and MFU. One implementation, used by train.py's log line and by bench.py.
 
-def flops_per_token(cfg, seq_len=None, training=True):
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
     """Matmul FLOPs per token (2 per multiply-add), attention scores included: every Linear in the
     blocks and the LM head, plus Q@K^T and P@V over the full seq_len window (as the dense kernels
     compute them). Training counts forward + backward = 3x forward. Embedding lookups are free."""
@@ -437,7 +446,7 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops(device, dtype, measure=True):
+def peak_flops(device: torch.device | str, dtype: torch.dtype, measure: bool = True) -> tuple[float | None, str]:
     """Peak FLOP/s for MFU: from PEAK_FLOPS by CUDA device name, else (CPU, unknown GPU) measured with a
     large matmul in `dtype`. Returns (flops, source) so that the log can say which it is."""
     kind = "fp32" if dtype == torch.float32 else "bf16"

@@ -4,34 +4,8 @@ Turn text into token files that train.py can read.
     python prepare.py                     # built-in corpus: Python stdlib, bytes tokenizer
     python prepare.py --name=notes --input=notes/ --input=more.jsonl --tokenizer=gpt2
 
-Data format (the one place it is written down)
-----------------------------------------------
-A prepared corpus is a folder data/NAME/ holding three files:
-
-  train.bin, val.bin  flat arrays of token ids in native byte order, uint16 when
-                      vocab_size <= 65536, else uint32. Documents are concatenated
-                      and every document is FOLLOWED by the separator id sep_id,
-                      so each file is a sequence of separator-terminated documents
-                      (number of documents == number of sep_id tokens).
-  meta.json           tokenizer     tokenizer name ("bytes", or a tiktoken encoding like "gpt2")
-                      vocab_size    base vocabulary size, separator included
-                      dtype         "uint16" or "uint32", the dtype of both .bin files
-                      sep_id        the document separator id
-                      train_tokens, val_tokens   number of ids in train.bin / val.bin
-                      train_docs, val_docs       number of documents in each
-                      source        short description of the inputs
-
-meta.json is written last: a folder without it is not a finished corpus.
-Documents are numbered in input order; document i goes to val.bin when
-i % 20 == 0 and to train.bin otherwise.
-
-Labelled corpora (for classification fine-tuning; prepare.py --classify, or the built-in
-"stdlib_modules") are the same three files, where each document is one example, plus
-  meta.json           labels        the class names; class i is labels[i]
-  train_labels.npy, val_labels.npy  int64 class id of each document, in order
-
-The encoder objectives (MLM + NSP, classification) add 4 special tokens after the base
-vocabulary, nowhere in the files: [CLS] [SEP] [MASK] [PAD] = vocab_size + 0, 1, 2, 3.
+Writes the format that data.py documents and reads: data/NAME/{train.bin, val.bin, meta.json}, and for
+labelled corpora {train,val}_labels.npy. Document i of the inputs goes to validation when i % 20 == 0.
 
 Tokenizers: "bytes" is UTF-8 bytes 0..255 with separator 256 (vocab 257), and needs
 nothing. Any tiktoken encoding (gpt2, cl100k_base, o200k_base, ...) uses its
@@ -52,6 +26,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
+from common import atomic_write, read_jsonl
 
 VAL_EVERY = 20  # document i goes to validation when i % VAL_EVERY == 0; fixed, never change
 PYSTDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
@@ -112,28 +88,8 @@ def get_tokenizer(name):
 def dtype_for_vocab(vocab_size):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
-# -----------------------------------------------------------------------------
-# reading a prepared corpus
-
-def load_meta(data_dir):
-    path = Path(data_dir) / "meta.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {data_dir} is not a prepared corpus; make one with: "
-                                f"python prepare.py --input=YOUR_TEXT_FILES --name={Path(data_dir).name}")
-    try:
-        meta = json.loads(path.read_text())
-        missing = [k for k in ("tokenizer", "vocab_size", "dtype", "sep_id", "train_tokens", "val_tokens") if k not in meta]
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"{path} is not valid meta.json ({e}); re-run prepare.py") from e
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; re-run prepare.py")
-    return meta
-
-
 def get_tokenizer_from_meta(meta):
-    """The tokenizer a corpus was built with; meta is a meta.json dict or a corpus folder."""
-    if not isinstance(meta, dict):
-        meta = load_meta(meta)
+    """The tokenizer a corpus was built with, from its meta.json dict."""
     tok = get_tokenizer(meta["tokenizer"])
     if (tok.vocab_size, tok.sep_id) != (meta["vocab_size"], meta["sep_id"]):
         raise RuntimeError(f"tokenizer {tok.name!r} now has vocab_size={tok.vocab_size} "
@@ -141,21 +97,6 @@ def get_tokenizer_from_meta(meta):
                            f"{meta['vocab_size']} and {meta['sep_id']}; re-run prepare.py")
     return tok
 
-
-def load_split(data_dir, split, meta=None):
-    """train.bin or val.bin as a read-only memmap, checked against meta.json (split is "train" or "val")."""
-    meta = meta or load_meta(data_dir)
-    path = Path(data_dir) / f"{split}.bin"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; re-run prepare.py --name={Path(data_dir).name} ...")
-    size, n = path.stat().st_size, meta[f"{split}_tokens"]
-    expect = n * np.dtype(meta["dtype"]).itemsize
-    if size != expect:
-        raise ValueError(f"{path} holds {size} bytes but meta.json says {n} {meta['dtype']} tokens "
-                         f"({expect} bytes): the file is truncated or stale; re-run prepare.py")
-    if size == 0:
-        raise ValueError(f"{path} is empty; re-run prepare.py on more text")
-    return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 # -----------------------------------------------------------------------------
 # finding the documents
@@ -192,17 +133,11 @@ def iter_documents(files):
     """Yield (text, input_bytes) one document at a time: a whole file, or one line of a .jsonl."""
     for f in files:
         if f.endswith(".jsonl"):
-            with open(f, "rb") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (ValueError, KeyError, TypeError):
-                        text = None
-                    if not isinstance(text, str):
-                        raise ValueError(f"{f}:{lineno}: expected a JSON object with a 'text' string")
-                    yield text, len(line)
+            for lineno, rec, nbytes in read_jsonl(f):
+                text = rec.get("text") if isinstance(rec, dict) else None
+                if not isinstance(text, str):
+                    raise ValueError(f"{f}:{lineno}: expected a JSON object with a 'text' string")
+                yield text, nbytes
         else:
             data = Path(f).read_bytes()
             yield data.decode("utf-8", errors="replace"), len(data)
@@ -223,7 +158,7 @@ def _encode(doc):
 
 
 def prepare(name="pystdlib", inputs=None, tokenizer="bytes", out_dir="data", workers=None, quiet=False):
-    """Build data/NAME/{train.bin,val.bin,meta.json} (format: see the module docstring); returns the folder."""
+    """Build data/NAME/{train.bin,val.bin,meta.json} (format: see data.py); returns the folder."""
     t0 = time.time()
     if name == CLASSIFY_DEMO and not inputs:
         return prepare_classify(name, None, tokenizer, out_dir, quiet)
@@ -289,8 +224,7 @@ def prepare(name="pystdlib", inputs=None, tokenizer="bytes", out_dir="data", wor
     meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name,
                 sep_id=tok.sep_id, train_tokens=ntok["train"], val_tokens=ntok["val"],
                 train_docs=ndocs["train"], val_docs=ndocs["val"], source=source)
-    (folder / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(folder / "meta.json.tmp", folder / "meta.json")
+    atomic_write(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: it marks the corpus complete
     if not quiet:
         print(f"wrote {folder}: train {ndocs['train']} docs {ntok['train']:,} tokens, "
               f"val {ndocs['val']} docs {ntok['val']:,} tokens ({tok.name}, {np.dtype(dtype).name}) "
@@ -298,138 +232,9 @@ def prepare(name="pystdlib", inputs=None, tokenizer="bytes", out_dir="data", wor
     return str(folder)
 
 # -----------------------------------------------------------------------------
-# the encoder objectives (BERT): special tokens, MLM + NSP pairs, labelled examples.
-# A batch is a dict of numpy arrays named like Transformer.forward's arguments. Every row is a pure
-# function of (seed, step, global row index) in training, and of the row index alone in evaluation,
-# so resuming needs no sampler state and every world size sees the same global batch.
+# labelled corpora, for classification fine-tuning (the batches: data.py)
 
-SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")  # ids base vocab_size + 0..3
-N_SPECIAL = len(SPECIAL_TOKENS)
-MASK_PROB = 0.15  # MLM: chosen share of the real tokens of a pair; of those 80% [MASK], 10% random, 10% kept
 CLASSIFY_DEMO = "stdlib_modules"  # the built-in labelled task, see stdlib_module_examples
-
-
-def special_ids(base_vocab):
-    return SimpleNamespace(cls=base_vocab, sep=base_vocab + 1, mask=base_vocab + 2, pad=base_vocab + 3)
-
-
-def newline_tokens(meta):
-    """Boolean table over the base vocabulary: does the token's text hold a newline (a line boundary)."""
-    if meta["tokenizer"] == "bytes":
-        return np.arange(meta["vocab_size"]) == 10
-    tok = get_tokenizer_from_meta(meta)
-    return np.array(["\n" in tok.decode([i]) for i in range(meta["vocab_size"])])
-
-
-def _positions(data, pred, chunk=1 << 26):
-    """np.flatnonzero(pred(data)) a chunk at a time, so a large memmap is never expanded whole."""
-    found = [np.flatnonzero(pred(np.asarray(data[i:i + chunk]))) + i for i in range(0, len(data), chunk)]
-    return np.concatenate(found) if found else np.zeros(0, np.int64)
-
-
-def encoder_corpus(data_dir, split, meta, objective):
-    """One split, indexed once for the batch builders: document [start, end) (end is the separator's
-    position), newline positions (for cutting pairs at line boundaries) and, if labelled, the labels."""
-    data = load_split(data_dir, split, meta)
-    ends = _positions(data, lambda a: a == meta["sep_id"])
-    c = dict(data=data, starts=np.concatenate(([0], ends[:-1] + 1)), ends=ends, base=meta["vocab_size"],
-             sep_id=meta["sep_id"], name=f"{data_dir}/{split}")
-    if objective == "classify":
-        if "labels" not in meta:
-            raise ValueError(f"{data_dir} has no labels (meta.json 'labels'); objective='classify' needs a labelled "
-                             f"corpus: prepare.py --classify --name=NAME --input=FILE.jsonl")
-        c["labels"] = np.load(Path(data_dir) / f"{split}_labels.npy")
-        if len(c["labels"]) != len(ends):
-            raise ValueError(f"{data_dir}: {len(c['labels'])} {split} labels for {len(ends)} documents; re-run prepare.py")
-        return c
-    table = newline_tokens(meta)
-    c["nl"] = _positions(data, lambda a: table[a])
-    if ((c["ends"] - c["starts"]) >= 2).sum() < 2:
-        raise ValueError(f"{c['name']}: next sentence prediction needs at least two documents of 2+ tokens")
-    return c
-
-
-def encoder_batch(c, T, objective, index, seed=None, step=None):
-    """Rows for the global row numbers `index`, as a dict of (B, T) arrays (labels (B,)). Training (seed
-    and step given): each row drawn by a generator seeded with (seed, step, row). Evaluation: row i is
-    the i-th fixed validation pair, or the i-th labelled example (label -1, ignored, past the end)."""
-    rows = []
-    for i in index:
-        if objective == "classify":
-            rows.append(classify_row(c, T, int(np.random.default_rng((seed, step, i)).integers(len(c["ends"])))
-                                     if seed is not None else i))
-        else:
-            rows.append(mlm_nsp_pair(c, T, np.random.default_rng((seed, step, i) if seed is not None else (i,))))
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-def _random_line(c, rng, min_len, avoid=-1):
-    """(document, line start) at a token drawn uniformly from the split, in a document other than `avoid`
-    with >= min_len tokens, moved back to where its line begins (and leaving min_len tokens)."""
-    while True:
-        p = int(rng.integers(len(c["data"])))
-        d = int(np.searchsorted(c["ends"], p))  # the first separator at or after p ends p's document
-        s, e = int(c["starts"][d]), int(c["ends"][d])
-        if d != avoid and e - s >= min_len and p < e:  # (not the separator itself)
-            break
-    k = int(np.searchsorted(c["nl"], p)) - 1  # the last newline before p
-    a = max(s, int(c["nl"][k]) + 1) if k >= 0 else s
-    return d, min(a, e - min_len)
-
-
-def mlm_nsp_pair(c, T, rng):
-    """[CLS] A [SEP] B [SEP] [PAD]..., masked. A starts at a line start; the A|B cut is a line boundary
-    where [a, a + T-3) has one. IsNext (label 0): B is the text after A, to T-3 tokens in all or the
-    document's end. NotNext (label 1): B starts at a line start in another document. A is drawn the
-    same way for both labels, so its length says nothing about the label."""
-    data, sp, n = c["data"], special_ids(c["base"]), T - 3
-    d, a = _random_line(c, rng, 2)
-    hi = min(a + n, int(c["ends"][d]))
-    lo_i, hi_i = np.searchsorted(c["nl"], (a, hi - 1))
-    cuts = c["nl"][lo_i:hi_i] + 1  # positions q in (a, hi) right after a newline
-    cut = int(cuts[rng.integers(len(cuts))]) if len(cuts) else int(rng.integers(a + 1, hi))
-    is_next = rng.random() < 0.5
-    if is_next:
-        b0, b1 = cut, hi
-    else:
-        d2, b0 = _random_line(c, rng, 1, avoid=d)
-        b1 = min(b0 + n - (cut - a), int(c["ends"][d2]))
-    la, lb = cut - a, b1 - b0
-    x = np.full(T, sp.pad, np.int64)
-    x[0], x[1:1 + la], x[1 + la] = sp.cls, data[a:cut], sp.sep
-    x[2 + la:2 + la + lb], x[2 + la + lb] = data[b0:b1], sp.sep
-    types = np.zeros(T, np.int64)
-    types[2 + la:3 + la + lb] = 1  # segment B and its [SEP]
-    targets = mask_tokens(x, np.r_[1:1 + la, 2 + la:2 + la + lb], rng, c["base"], c["sep_id"])
-    return dict(idx=x, targets=targets, token_type_ids=types, attn_mask=x != sp.pad, labels=np.int64(not is_next))
-
-
-def mask_tokens(x, real, rng, base, sep_id):
-    """BERT's dynamic masking of x in place: round(MASK_PROB * len(real)) (at least 1) of the `real`
-    positions are chosen; of those 80% become [MASK], 10% a random base token (never the separator),
-    10% stay. Returns the targets: the original id at chosen positions, -1 (ignored) elsewhere."""
-    k = max(1, int(MASK_PROB * len(real) + 0.5))
-    chosen = rng.choice(real, k, replace=False)
-    targets = np.full(len(x), -1, np.int64)
-    targets[chosen] = x[chosen]
-    r = rng.random(k)
-    x[chosen[r < 0.8]] = special_ids(base).mask
-    rand = chosen[(r >= 0.8) & (r < 0.9)]
-    tok = rng.integers(base - 1, size=len(rand))
-    x[rand] = tok + (tok >= sep_id)  # skip the separator id
-    return targets
-
-
-def classify_row(c, T, i):
-    """Example i as [CLS] text [SEP] [PAD]... (text cut to T-2 tokens), with its label; past the last
-    example, example i mod n with label -1, so evaluation batches keep their size on every rank."""
-    n, sp = len(c["ends"]), special_ids(c["base"])
-    label = int(c["labels"][i]) if i < n else -1
-    s, e = int(c["starts"][i % n]), int(c["ends"][i % n])
-    body = c["data"][s:min(e, s + T - 2)]
-    x = np.full(T, sp.pad, np.int64)
-    x[0], x[1:1 + len(body)], x[1 + len(body)] = sp.cls, body, sp.sep
-    return dict(idx=x, token_type_ids=np.zeros(T, np.int64), attn_mask=x != sp.pad, labels=np.int64(label))
 
 
 def stdlib_module_examples(k=8, nbytes=256, per_file=16):
@@ -456,22 +261,15 @@ def stdlib_module_examples(k=8, nbytes=256, per_file=16):
 
 
 def prepare_classify(name=CLASSIFY_DEMO, inputs=None, tokenizer="bytes", out_dir="data", quiet=False):
-    """A labelled corpus data/NAME (format: the module docstring) from .jsonl files of {"text", "label"}
+    """A labelled corpus data/NAME (format: data.py) from .jsonl files of {"text", "label"}
     (line i of all inputs goes to val when i % VAL_EVERY == 0), or the built-in demo task."""
     if inputs:
         examples, i = [], 0
         for f in expand_inputs(inputs):
-            for lineno, line in enumerate(open(f, encoding="utf-8"), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    text, label = rec["text"], rec["label"]
-                except (ValueError, KeyError, TypeError):
-                    text = None
-                if not isinstance(text, str):
+            for lineno, rec, _ in read_jsonl(f):
+                if not (isinstance(rec, dict) and isinstance(rec.get("text"), str) and "label" in rec):
                     raise ValueError(f"{f}:{lineno}: expected a JSON object with a 'text' string and a 'label'")
-                examples.append((text, str(label), "val" if i % VAL_EVERY == 0 else "train"))
+                examples.append((rec["text"], str(rec["label"]), "val" if i % VAL_EVERY == 0 else "train"))
                 i += 1
     elif name == CLASSIFY_DEMO:
         examples = stdlib_module_examples()
@@ -493,8 +291,7 @@ def prepare_classify(name=CLASSIFY_DEMO, inputs=None, tokenizer="bytes", out_dir
         ids.tofile(folder / f"{split}.bin")
         np.save(folder / f"{split}_labels.npy", np.array([labels.index(lab) for _, lab in part], np.int64))
         meta.update({f"{split}_tokens": len(ids), f"{split}_docs": len(part)})
-    (folder / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(folder / "meta.json.tmp", folder / "meta.json")
+    atomic_write(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: it marks the corpus complete
     if not quiet:
         print(f"wrote {folder}: {meta['train_docs']} train / {meta['val_docs']} val examples, {len(labels)} labels")
     return str(folder)

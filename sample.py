@@ -13,12 +13,12 @@ the others; a classify checkpoint prints the most likely labels of the text:
     python sample.py --ckpt=out-classify --start=FILE:snippet.py
 """
 import argparse
-import os
 import time
 
 import torch
 
 import checkpoint
+import data
 import model as M
 import prepare
 
@@ -34,7 +34,7 @@ def load_model(path, device="cpu"):
 
 def encoder_input(net, tok, meta, text):
     """[CLS] text [SEP] as a (1, T) tensor, "[MASK]" in the text becoming the mask token."""
-    sp, parts = prepare.special_ids(meta["vocab_size"]), text.split("[MASK]")
+    sp, parts = data.special_ids(meta["vocab_size"]), text.split("[MASK]")
     ids = [sp.cls] + [i for k, part in enumerate(parts) for i in tok.encode(part) + [sp.mask] * (k < len(parts) - 1)]
     ids = ids[:net.cfg.block_size - 1] + [sp.sep]
     return torch.tensor([ids], dtype=torch.long, device=net.tok_emb.weight.device)
@@ -44,7 +44,7 @@ def encoder_input(net, tok, meta, text):
 def fill_masks(net, tok, meta, text, temperature=0.0, top_k=None, generator=None):
     """text with every [MASK] filled by the MLM head: one forward pass per mask, filling the position
     the model is surest of first (a filled token is context for the rest). Specials are never drawn."""
-    x, mask_id = encoder_input(net, tok, meta, text), prepare.special_ids(meta["vocab_size"]).mask
+    x, mask_id = encoder_input(net, tok, meta, text), data.special_ids(meta["vocab_size"]).mask
     while (x == mask_id).any():
         (logits, _), _ = net(x)
         logits = logits[0].float()  # (T, V)
@@ -70,7 +70,7 @@ def main(argv=None):
                    "sharded FSDP ckpt.dcp) to this path and exit")
     args = p.parse_args(argv)
 
-    path = checkpoint.find_checkpoint(args.ckpt) if os.path.isdir(args.ckpt) and not args.ckpt.endswith(".dcp") else args.ckpt
+    path = checkpoint.find_checkpoint(args.ckpt)
     if path is None:
         raise SystemExit(f"no checkpoint in {args.ckpt}; train first (python train.py) or pass --ckpt=PATH")
     net, ckpt = load_model(path, args.device)

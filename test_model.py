@@ -17,6 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import checkpoint
+import common
+import data
 import model as M
 import prepare
 import train
@@ -31,6 +33,9 @@ SMALL = {
     "llama": dict(M.PRESETS["llama-50m"], vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
                   n_embd=32, multiple_of=16),
 }
+
+
+CPU = train.Runtime(torch.device("cpu"), torch.float32)  # one process, fp32, no compile
 
 
 def small_model(style, seed=0, **kw):
@@ -260,8 +265,8 @@ def test_exact_resume(data_root, tmp_path):
     assert half["train_losses"] + rest["train_losses"] == full["train_losses"]  # bit for bit
     a, b = full["model"].state_dict(), rest["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ca = train.load_checkpoint(train.find_checkpoint(tmp_path / "a"))
-    cb = train.load_checkpoint(train.find_checkpoint(tmp_path / "b"))
+    ca = checkpoint.load_checkpoint(checkpoint.find_checkpoint(tmp_path / "a"))
+    cb = checkpoint.load_checkpoint(checkpoint.find_checkpoint(tmp_path / "b"))
     assert ca["step"] == cb["step"] == 12
     for name, st in ca["optimizer"]["state"].items():  # keyed by parameter name
         assert all(torch.equal(st[k], cb["optimizer"]["state"][name][k]) for k in st), name
@@ -276,9 +281,55 @@ def test_checkpoint_contents(data_root, tmp_path):
     # compiled in place: the keys are the plain module's (no _orig_mod.)
     cfg = tiny_cfg(data_root, tmp_path, compile=True)
     mcfg = M.ModelConfig(**ck["model_args"])
-    compiled = train.build_model(cfg, mcfg, torch.device("cpu"), torch.float32, "single", 1)
+    compiled = train.build_model(cfg, mcfg, train.Runtime(torch.device("cpu"), torch.float32, compile=True))
     assert list(compiled.state_dict()) == list(ck["model"])
     assert not any("_orig_mod" in k for k in compiled.state_dict())
+    # provenance: in the checkpoint and as the first record of log.jsonl, with the resolved config
+    prov = ck["provenance"]
+    assert (prov["torch"], prov["world"], prov["device_name"].split()[0]) == (torch.__version__, 1, "cpu")
+    assert (prov["config"]["device"], prov["config"]["dtype"], prov["config"]["parallel"]) == ("cpu", "float32", "single")
+    assert prov["config"]["compile"] is False and prov["config"]["max_iters"] == 10
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert prov["git"] is None if head.returncode else prov["git"].startswith(head.stdout.strip())
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0]) == prov
+
+
+def test_train_leaves_config_and_signal_handlers_as_found(data_root, tmp_path, monkeypatch):
+    import signal
+    handlers = lambda: [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+    before, cfg = handlers(), tiny_cfg(data_root, tmp_path, max_iters=2, eval_interval=2)
+    given = dict(cfg)
+    rt = train.setup(cfg)
+    assert (rt.device.type, rt.dtype, rt.parallel, rt.compile, rt.world) == ("cpu", torch.float32, "single", False, 1)
+    train.train(cfg)
+    assert cfg == given and handlers() == before  # 'auto'/None are resolved into the Runtime, not the dict
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train.train(dict(cfg, out_dir=str(tmp_path / "b")))
+    assert handlers() == before  # restored when train() raises, too
+
+
+def test_find_checkpoint_in_path_or_folder(tmp_path):
+    assert checkpoint.find_checkpoint(tmp_path) is None and checkpoint.find_checkpoint(tmp_path / "nope") is None
+    for name in ("ckpt-0000002.pt", "ckpt-0000010.pt", "best.pt", "ckpt-0000011.pt.tmp.7"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "ckpt-0000009.dcp").mkdir()
+    assert checkpoint.find_checkpoint(tmp_path) == str(tmp_path / "ckpt-0000010.pt")  # newest complete one
+    for name in ("best.pt", "ckpt-0000009.dcp"):  # a checkpoint named directly is itself
+        assert checkpoint.find_checkpoint(tmp_path / name) == str(tmp_path / name)
+
+
+def test_atomic_write_and_read_jsonl(tmp_path):
+    path = tmp_path / "a.json"
+    common.atomic_write(path, "one")
+    with pytest.raises(ZeroDivisionError):
+        common.atomic_write(path, lambda f: (f.write(b"half"), 1 / 0))
+    assert path.read_text() == "one" and os.listdir(tmp_path) == ["a.json"]
+    (tmp_path / "l.jsonl").write_text('{"a": 1}\n\n[2]\n{oops\n')
+    rows = common.read_jsonl(tmp_path / "l.jsonl")
+    assert [next(rows)[:2], next(rows)[:2]] == [(1, {"a": 1}), (3, [2])]
+    with pytest.raises(ValueError, match="l.jsonl:4: not a line of JSON"):
+        next(rows)
 
 
 def test_atomic_checkpoint_write(tmp_path, monkeypatch):
@@ -292,13 +343,13 @@ def test_atomic_checkpoint_write(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="No space left"):
         checkpoint.save_file({"step": 2, "w": torch.zeros(3)}, path)
-    assert train.load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact
+    assert checkpoint.load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # and no temporary file is left behind
 
 
 def test_finetune_from_checkpoint_and_early_stopping(data_root, tmp_path):
     train.train(tiny_cfg(data_root, tmp_path / "pre", max_iters=10, eval_interval=5))
-    ck = train.load_checkpoint(tmp_path / "pre" / "best.pt")
+    ck = checkpoint.load_checkpoint(tmp_path / "pre" / "best.pt")
     # a fine-tune starts from the weights (val loss at step 0 equals the checkpoint's) with a fresh
     # optimizer at step 0; with lr 0 nothing improves, so patience=2 stops it after two more evals
     s = train.train(tiny_cfg(data_root, tmp_path / "ft", init_from=str(tmp_path / "pre" / "best.pt"),
@@ -331,6 +382,8 @@ def test_sample_cli(data_root, tmp_path):
     assert r.returncode == 0, r.stderr
     samples = [s for s in r.stdout.split("\n") if s.startswith("def ")]
     assert len(samples) == 2 and samples[0] == samples[1]  # greedy: the same both times
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={tmp_path / 'nope.pt'}"], capture_output=True, text=True)
+    assert r.returncode != 0 and "no checkpoint in" in r.stderr and "Traceback" not in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,7 +399,7 @@ def _docs(arr, sep_id):
 def test_pystdlib_split_and_format(tmp_path):
     folder = Path(prepare.prepare(out_dir=tmp_path, quiet=True))
     assert folder == tmp_path / "pystdlib"
-    meta = prepare.load_meta(folder)
+    meta = data.load_meta(folder)
     assert set(meta) == {"tokenizer", "vocab_size", "dtype", "sep_id", "train_tokens", "val_tokens",
                          "train_docs", "val_docs", "source"}
     assert (meta["tokenizer"], meta["vocab_size"], meta["sep_id"], meta["dtype"]) == ("bytes", 257, 256, "uint16")
@@ -361,7 +414,7 @@ def test_pystdlib_split_and_format(tmp_path):
     val_files = [f for i, f in enumerate(files) if i % 20 == 0]
     train_files = [f for i, f in enumerate(files) if i % 20 != 0]
     for split, expect in (("train", train_files), ("val", val_files)):
-        arr = prepare.load_split(folder, split, meta)
+        arr = data.load_split(folder, split, meta)
         assert arr.dtype == np.uint16
         assert os.path.getsize(folder / f"{split}.bin") == 2 * meta[f"{split}_tokens"] == 2 * len(arr)
         assert int((arr == 256).sum()) == meta[f"{split}_docs"] == len(expect)
@@ -389,7 +442,7 @@ def test_custom_corpus_roundtrip(tmp_path, workers):
     texts = _small_corpus(tmp_path / "in")
     folder = prepare.prepare("small", [str(tmp_path / "in" / "c"), str(tmp_path / "in" / "z.*")],
                              out_dir=tmp_path / "out", workers=workers, quiet=True)
-    meta = prepare.load_meta(folder)
+    meta = data.load_meta(folder)
     tok = prepare.get_tokenizer_from_meta(meta)
     train, val = (np.fromfile(Path(folder) / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val"))
     assert (meta["train_docs"], meta["val_docs"]) == (26, 2)
@@ -441,9 +494,9 @@ def test_tiktoken_gpt2_roundtrip(tmp_path, gpt2):
     texts = _small_corpus(tmp_path / "in")
     folder = prepare.prepare("g", [str(tmp_path / "in")], tokenizer="gpt2", out_dir=tmp_path / "out",
                              workers=2, quiet=True)
-    meta = prepare.load_meta(folder)
+    meta = data.load_meta(folder)
     assert (meta["tokenizer"], meta["dtype"], meta["sep_id"]) == ("gpt2", "uint16", 50256)
-    train = prepare.load_split(folder, "train")
+    train = data.load_split(folder, "train")
     assert int((train == 50256).sum()) == meta["train_docs"] == 26
     assert tok.decode(train.tolist()) == "<|endoftext|>".join(t for i, t in enumerate(texts) if i % 20) + "<|endoftext|>"
 
@@ -521,7 +574,7 @@ def dist_worker(phase, data_root, out):
         # meta-device init, sharded, equals a single-process init with the same seed
         cfg = tiny_cfg(data_root, out, **DIST)
         mcfg = M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size")})
-        m = train.build_model(cfg, mcfg, torch.device("cpu"), torch.float32, "fsdp", 2)
+        m = train.build_model(cfg, mcfg, train.Runtime(torch.device("cpu"), torch.float32, rank, 2, "fsdp"))
         res["init"] = full_state(m)
         res["init_local"] = {n: tuple(p.to_local().shape) for n, p in m.named_parameters()}
         # LLaMA-7B: sharded on the meta device; nothing is materialised
@@ -537,13 +590,13 @@ def dist_worker(phase, data_root, out):
                      "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     elif phase == "die":  # rank 1 dies at its 3rd batch; rank 0 must not hang in the next collective
         if rank == 1:
-            calls, real = [0], train.window_batch
+            calls, real = [0], data.windows
             def dying(*a):
                 calls[0] += 1
                 if calls[0] == 3:
                     os._exit(17)
                 return real(*a)
-            train.window_batch = dying
+            data.windows = dying
         run("die", parallel="ddp", dist_timeout_minutes=1, max_iters=50)
     else:  # a fresh launch resumes what phase 1 and the single-process test left behind
         run("fsdp_ckpt", parallel="fsdp", init_from="resume")
@@ -607,8 +660,8 @@ def test_distributed_matches_single_process(data_root, tmp_path):
 def test_activation_checkpointing_same_loss_and_grads():
     cfg = dict(train.DEFAULTS, activation_checkpointing="full", compile=False)
     mcfg = M.ModelConfig(**SMALL["llama"])
-    plain = train.build_model(dict(cfg, activation_checkpointing="none"), mcfg, torch.device("cpu"), torch.float32, "single", 1)
-    ac = train.build_model(cfg, mcfg, torch.device("cpu"), torch.float32, "single", 1)
+    plain = train.build_model(dict(cfg, activation_checkpointing="none"), mcfg, CPU)
+    ac = train.build_model(cfg, mcfg, CPU)
     assert list(ac.state_dict()) == list(plain.state_dict())  # names unchanged by the wrapper
     x = torch.randint(0, 97, (2, 32))
     losses = []
@@ -642,7 +695,7 @@ def lines_corpus(tmp_path_factory):
             for k in range(41)] + ["d99 " + "y" * 300]
     (root / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     folder = prepare.prepare("lines", [str(root / "in.jsonl")], out_dir=root, quiet=True)
-    meta = prepare.load_meta(folder)
+    meta = data.load_meta(folder)
     return folder, meta, [d for i, d in enumerate(docs) if i % prepare.VAL_EVERY]  # the training documents
 
 
@@ -653,10 +706,10 @@ def _unmask(b, base):
 
 
 def test_mlm_masking_statistics(data_root):
-    meta = prepare.load_meta(data_root / "pystdlib")
-    c = prepare.encoder_corpus(data_root / "pystdlib", "train", meta, "mlm_nsp")
-    base, sp = meta["vocab_size"], prepare.special_ids(meta["vocab_size"])
-    b = prepare.encoder_batch(c, 64, "mlm_nsp", range(3000), seed=1, step=7)
+    meta = data.load_meta(data_root / "pystdlib")
+    c = data.encoder_corpus(data_root / "pystdlib", "train", meta, "mlm_nsp")
+    base, sp = meta["vocab_size"], data.special_ids(meta["vocab_size"])
+    b = data.encoder_batch(c, 64, "mlm_nsp", range(3000), seed=1, step=7)
     orig, chosen = _unmask(b, base)
     real = orig < base  # not [CLS]/[SEP]/[PAD]
     assert not (chosen & ~real).any() and not (chosen & ~b["attn_mask"]).any()  # specials, pads never chosen
@@ -667,19 +720,19 @@ def test_mlm_masking_statistics(data_root):
     assert abs(masked - 0.8) < 0.02 and abs(kept - 0.1) < 0.02 and abs(rand - 0.1) < 0.02, (masked, kept, rand)
     assert x[x != sp.mask].max() < base and meta["sep_id"] not in x[x != o]  # random tokens: base vocab, no separator
     # dynamic and stateless: a row is a pure function of (seed, step, row)
-    again = prepare.encoder_batch(c, 64, "mlm_nsp", range(2990, 3000), seed=1, step=7)
+    again = data.encoder_batch(c, 64, "mlm_nsp", range(2990, 3000), seed=1, step=7)
     assert all(np.array_equal(again[k], b[k][2990:]) for k in b)
-    other = prepare.encoder_batch(c, 64, "mlm_nsp", range(2990, 3000), seed=1, step=8)
+    other = data.encoder_batch(c, 64, "mlm_nsp", range(2990, 3000), seed=1, step=8)
     assert not np.array_equal(other["idx"], again["idx"])
-    ev = prepare.encoder_batch(c, 64, "mlm_nsp", range(5))
-    assert all(np.array_equal(ev[k], prepare.encoder_batch(c, 64, "mlm_nsp", range(5))[k]) for k in ev)
+    ev = data.encoder_batch(c, 64, "mlm_nsp", range(5))
+    assert all(np.array_equal(ev[k], data.encoder_batch(c, 64, "mlm_nsp", range(5))[k]) for k in ev)
 
 
 def test_nsp_pairs(lines_corpus):
     folder, meta, docs = lines_corpus
-    c = prepare.encoder_corpus(folder, "train", meta, "mlm_nsp")
-    base, sp, T = meta["vocab_size"], prepare.special_ids(meta["vocab_size"]), 96
-    b = prepare.encoder_batch(c, T, "mlm_nsp", range(2000), seed=3, step=0)
+    c = data.encoder_corpus(folder, "train", meta, "mlm_nsp")
+    base, sp, T = meta["vocab_size"], data.special_ids(meta["vocab_size"]), 96
+    b = data.encoder_batch(c, T, "mlm_nsp", range(2000), seed=3, step=0)
     assert abs(b["labels"].mean() - 0.5) < 0.03
     orig, _ = _unmask(b, base)
     for row, types, label in zip(orig, b["token_type_ids"], b["labels"]):
@@ -704,7 +757,7 @@ def test_nsp_pairs(lines_corpus):
 
 def test_newline_table_tiktoken(gpt2):
     tok = gpt2
-    table = prepare.newline_tokens({"tokenizer": "gpt2", "vocab_size": 50257, "sep_id": 50256})
+    table = data.newline_tokens({"tokenizer": "gpt2", "vocab_size": 50257, "sep_id": 50256})
     ids = tok.encode("def f(x):\n    return x\n\n")
     assert [bool(table[i]) for i in ids] == ["\n" in tok.decode([i]) for i in ids] and table[ids].sum() == 2
     assert table.sum() >= 2 and not table[50256]
@@ -748,7 +801,7 @@ def test_bert_heads_and_losses():
     torch.testing.assert_close(mlm, full[t != -1], atol=1e-5, rtol=1e-5)
     ce = torch.nn.functional.cross_entropy
     torch.testing.assert_close(loss, ce(full[t != -1], x[t != -1]) + ce(nsp, nsp_y), atol=1e-5, rtol=1e-5)
-    s = M.summarize("mlm_nsp", M.metric_sums("mlm_nsp", (mlm, nsp), loss, {"idx": x, "targets": t, "labels": nsp_y}))
+    s = M.metrics_from_sums("mlm_nsp", M.metric_sums("mlm_nsp", (mlm, nsp), loss, {"idx": x, "targets": t, "labels": nsp_y}))
     assert s["loss"] == pytest.approx(loss.item(), abs=1e-5) and s["nsp_loss"] == pytest.approx(ce(nsp, nsp_y).item(), abs=1e-5)
     assert 0 <= s["mlm_acc"] <= 1 and s["nsp_acc"] in (0, 1 / 3, 2 / 3, 1)
     assert m.lm_head.weight is m.tok_emb.weight and m.lm_head.bias is not None  # tied decoder, own bias
@@ -853,19 +906,19 @@ def test_stdlib_modules_demo_task(tmp_path):
     val_text = "".join(Path(f).read_bytes().decode("utf-8", errors="ignore") for i, (_, f) in enumerate(files) if i % 20 == 0)
     assert all(t in val_text for t, _, s in ex if s == "val")  # split by file like pystdlib's 20th-document rule
     folder = prepare.prepare(prepare.CLASSIFY_DEMO, out_dir=tmp_path, quiet=True)
-    meta = prepare.load_meta(folder)
+    meta = data.load_meta(folder)
     assert meta["labels"] == sorted(labels) and meta["val_docs"] == sum(s == "val" for *_, s in ex)
-    c = prepare.encoder_corpus(folder, "val", meta, "classify")
-    b = prepare.encoder_batch(c, 64, "classify", range(meta["val_docs"] - 2, meta["val_docs"] + 2))
+    c = data.encoder_corpus(folder, "val", meta, "classify")
+    b = data.encoder_batch(c, 64, "classify", range(meta["val_docs"] - 2, meta["val_docs"] + 2))
     assert b["labels"][2:].tolist() == [-1, -1] and (b["labels"][:2] >= 0).all()  # past the end: ignored
-    sp = prepare.special_ids(meta["vocab_size"])
+    sp = data.special_ids(meta["vocab_size"])
     assert (b["idx"][:, 0] == sp.cls).all() and (b["idx"] == sp.sep).sum(1).tolist() == [1] * 4
     first = [t for t, _, s in ex if s == "val"][0]
-    c0 = prepare.encoder_batch(c, 300, "classify", [0])
+    c0 = data.encoder_batch(c, 300, "classify", [0])
     n = len(first.encode())
     assert bytes(c0["idx"][0][1:1 + n].tolist()).decode() == first and c0["idx"][0][1 + n] == sp.sep
     with pytest.raises(ValueError, match="no labels"):
-        prepare.encoder_corpus(folder, "val", {k: v for k, v in meta.items() if k != "labels"}, "classify")
+        data.encoder_corpus(folder, "val", {k: v for k, v in meta.items() if k != "labels"}, "classify")
 
 
 def test_prepare_classify_jsonl(tmp_path):
@@ -874,7 +927,7 @@ def test_prepare_classify_jsonl(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--classify", "--name=x", f"--input={tmp_path / 'x.jsonl'}",
                         f"--out_dir={tmp_path}", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    meta = prepare.load_meta(tmp_path / "x")
+    meta = data.load_meta(tmp_path / "x")
     assert meta["labels"] == ["3", "a", "b"] and (meta["train_docs"], meta["val_docs"]) == (42, 3)
     assert np.load(tmp_path / "x" / "val_labels.npy").tolist() == [1, 0, 2]  # lines 0, 20, 40: "a", 3, "b"
     (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": 1}\n{"label": 2}\n')
@@ -898,9 +951,9 @@ def bert_pretrained(data_root, tmp_path_factory):
 def test_mlm_nsp_learns_on_pystdlib(data_root, bert_pretrained):
     s, out = bert_pretrained
     m = s["metrics"]  # the final evaluation: 8 x 32 fixed validation pairs
-    meta = prepare.load_meta(data_root / "pystdlib")
-    val = prepare.encoder_corpus(data_root / "pystdlib", "val", meta, "mlm_nsp")
-    t = prepare.encoder_batch(val, 64, "mlm_nsp", range(8 * 32))["targets"]
+    meta = data.load_meta(data_root / "pystdlib")
+    val = data.encoder_corpus(data_root / "pystdlib", "val", meta, "mlm_nsp")
+    t = data.encoder_batch(val, 64, "mlm_nsp", range(8 * 32))["targets"]
     p = np.bincount(t[t != -1]) / (t != -1).sum()
     baseline, entropy = p.max(), -(p[p > 0] * np.log(p[p > 0])).sum()  # always a space (~35%); unigram (~3.1 nats)
     # measured: NSP 0.72; MLM 0.39 (~2,300 predictions, so +0.03 is 3 standard errors), loss 2.45
@@ -926,13 +979,13 @@ def test_finetune_classifier_from_pretrained(data_root, bert_pretrained, tmp_pat
     ft = dict(objective="classify", dataset=prepare.CLASSIFY_DEMO, block_size=None, batch_size=32, max_iters=150,
               eval_interval=150, eval_iters=8, learning_rate=2e-3, warmup_iters=10)  # 8 x 32 rows: the whole val split
     s = train.train(tiny_cfg(data_root, tmp_path / "ft", init_from=str(out / "best.pt"), **ft))
-    meta = prepare.load_meta(data_root / prepare.CLASSIFY_DEMO)
+    meta = data.load_meta(data_root / prepare.CLASSIFY_DEMO)
     labels = np.load(data_root / prepare.CLASSIFY_DEMO / "val_labels.npy")
     majority = np.bincount(labels).max() / len(labels)  # ~0.30; chance 1/8
     assert len(meta["labels"]) == 8 and s["metrics"]["acc"] > majority + 0.05, (s["metrics"], majority)  # measured 0.48
-    net, pre = s["model"], train.load_checkpoint(out / "best.pt")
+    net, pre = s["model"], checkpoint.load_checkpoint(out / "best.pt")
     assert net.cfg.head == "classify" and net.cfg.n_labels == 8 and not hasattr(net, "nsp_head")
-    ck = train.load_checkpoint(train.find_checkpoint(tmp_path / "ft"))
+    ck = checkpoint.load_checkpoint(checkpoint.find_checkpoint(tmp_path / "ft"))
     assert ck["model_args"]["head"] == "classify" and "mlm_dense.weight" not in ck["model"]
     # weights at step 0: the encoder and pooler are the checkpoint's, the new head is its fresh init
     s0 = train.train(tiny_cfg(data_root, tmp_path / "ft0", init_from=str(out / "best.pt"), **{**ft, "max_iters": 0}))
@@ -1062,6 +1115,15 @@ def test_bench_compare_json_file_and_profile(tmp_path, capsys):
     assert "traceEvents" in json.loads(trace.read_text())
 
 
+def test_bench_steps_through_train(monkeypatch):
+    calls, real = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r = bench.main(TINY_BENCH)
+    torch.set_num_threads(1)
+    assert len(calls) == 1 + 2 and r["steps"] == 2  # warmup and timed steps are train.py's own step
+    assert r["provenance"]["torch"] == torch.__version__
+
+
 def test_bench_args():
     opts, rest = bench.parse_args(["--estimate", "llama-7b", "--gpus", "64", "--parallel", "fsdp", "--json"])
     assert (opts["estimate"], opts["gpus"], opts["json"]) == ("llama-7b", 64, True)
@@ -1127,9 +1189,9 @@ def test_estimate_matches_cpu_allocator_peak(model_kw, dtype, ac):
     cfg = train.get_config(argv + ["--batch_size=4", "--block_size=64", f"--dtype={dtype!r}", "--threads=1",
                                    f"--activation_checkpointing={ac!r}", "--device='cpu'", "--compile=False"])
     v = bench.build_variant(cfg, dict(bench.OPTIONS, synthetic=True))
-    bench.train_step(v)  # creates the optimizer state
+    bench.take_step(v)  # creates the optimizer state
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        bench.train_step(v)
+        bench.take_step(v)
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"anvil_mem_{os.getpid()}.json"
     prof.export_chrome_trace(str(path))
     mem = [e["args"] for e in json.loads(path.read_text())["traceEvents"]
@@ -1183,7 +1245,7 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(data_root, tmp_path):
     ref = train.train(tiny_cfg(data_root, tmp_path / "ref", **cfg, **FAULT))
     out, kills, rng = tmp_path / "killed", 0, random.Random(0)
     while kills < 10:
-        init = "resume" if train.find_checkpoint(out) else "scratch"
+        init = "resume" if checkpoint.find_checkpoint(out) else "scratch"
         p = subprocess.Popen(cli(dict(cfg, init_from=init), data_root, out), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
         for line in p.stdout:  # once training is under way (~20 steps/s, each writing a checkpoint) ...
@@ -1196,13 +1258,13 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(data_root, tmp_path):
         p.send_signal(signal.SIGKILL)
         p.wait()
         kills += 1
-        last = train.find_checkpoint(out)
+        last = checkpoint.find_checkpoint(out)
         if last:
-            assert train.load_checkpoint(last)["step"] >= 1  # complete and readable after every kill
+            assert checkpoint.load_checkpoint(last)["step"] >= 1  # complete and readable after every kill
     assert kills >= 10
     r = subprocess.run(cli(dict(cfg, init_from="resume"), data_root, out), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    final = train.load_checkpoint(train.find_checkpoint(out))
+    final = checkpoint.load_checkpoint(checkpoint.find_checkpoint(out))
     assert final["step"] == 200
     expect = ref["model"].state_dict()
     assert all(torch.equal(final["model"][k], expect[k]) for k in expect)  # bit for bit
@@ -1224,7 +1286,7 @@ def test_sigterm_checkpoints_and_exits(data_root, tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and time.time() - t0 < 10, err[-2000:]
     assert "signal received" in out
-    ck = train.load_checkpoint(train.find_checkpoint(tmp_path))
+    ck = checkpoint.load_checkpoint(checkpoint.find_checkpoint(tmp_path))
     assert 3 <= ck["step"] < 1000 and ck["config"]["max_iters"] == 100000
 
 
@@ -1251,7 +1313,7 @@ def test_nonfinite_steps_are_skipped_then_stop(data_root, tmp_path, monkeypatch)
     assert s["bad_steps"] == 5
     a, b = clean["model"].state_dict(), s["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # the skipped updates were never applied
-    ck = train.load_checkpoint(train.find_checkpoint(tmp_path / "nan"))
+    ck = checkpoint.load_checkpoint(checkpoint.find_checkpoint(tmp_path / "nan"))
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     nan_after(monkeypatch, 4)
     with pytest.raises(RuntimeError, match=r"stopping at step 7: 4 non-finite steps in a row at lr .*last good "
@@ -1273,7 +1335,7 @@ def test_disk_full_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch):
         train.train(tiny_cfg(data_root, tmp_path, max_iters=20, eval_interval=5))
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "ckpt-0000005.pt", "log.jsonl"]
-    assert train.load_checkpoint(tmp_path / "ckpt-0000005.pt")["step"] == 5
+    assert checkpoint.load_checkpoint(tmp_path / "ckpt-0000005.pt")["step"] == 5
 
 
 def test_dead_rank_fails_fast(data_root, tmp_path):
@@ -1293,12 +1355,12 @@ def test_bad_checkpoints_refused(tmp_path):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
     torch.save({"model": {}, "x": Exploit()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="cannot be read.*corrupted"):
-        train.load_checkpoint(tmp_path / "evil.pt")
+        checkpoint.load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()  # the payload never ran
     checkpoint.save_file({"step": 1, "w": torch.ones(1000)}, tmp_path / "ok.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:700])
     with pytest.raises(ValueError, match="corrupted, truncated"):
-        train.load_checkpoint(tmp_path / "cut.pt")
+        checkpoint.load_checkpoint(tmp_path / "cut.pt")
 
 
 def bad_inputs(data_root, tmp):

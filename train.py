@@ -10,25 +10,22 @@ Every name in the defaults block below can be set by a config file (plain Python
 or by --key=value (parsed with ast.literal_eval). An unknown key or a value of the wrong type
 stops the run before any work, naming the closest valid key.
 """
-import ast
-import builtins
-import difflib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 
-import numpy as np
 import torch
 
+import data
 import model as M
 import prepare
-from checkpoint import barrier, dist_on, find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
+from checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
+from common import (all_reduce_sum, barrier, catch_signals, destroy_distributed, init_distributed, parse_config,
+                    provenance)
 
 # -----------------------------------------------------------------------------------------------
 # defaults
@@ -95,123 +92,37 @@ NONE_TYPES = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.t
               for f in fields(M.ModelConfig)} | {"compile": bool, "lr_decay_iters": int}
 
 
-def check_value(key, value):
-    """Raise a ValueError unless `value` fits the type of `key`'s default."""
-    default = DEFAULTS[key]
-    want = type(default) if default is not None else NONE_TYPES.get(key)
-    if value is None and default is None or want is None:
-        return value
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if type(value) is not want:
-        raise ValueError(f"config key {key!r} expects {want.__name__} (default {default!r}), "
-                         f"got {type(value).__name__} {value!r}")
-    return value
-
-
-def unknown_key(key):
-    close = difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else "; see the defaults at the top of train.py"
-    return ValueError(f"unknown config key {key!r}{hint}")
-
-
 def get_config(argv):
     """Defaults, then config files (in order), then --key=value overrides. Returns a plain dict."""
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise ValueError(f"config file {arg!r} not found (arguments are config files or --key=value)")
-            scope = {}
-            with open(arg) as f:  # a config file is trusted Python, like train.py itself
-                exec(builtins.compile(f.read(), arg, "exec"), {}, scope)  # (`compile` is a config key here)
-            items = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
-                     and type(v).__name__ != "module"}
-        else:
-            key, eq, raw = arg[2:].partition("=")
-            if not eq:
-                raise ValueError(f"override {arg!r} must look like --key=value")
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw  # a bare word is a string: --dataset=shakespeare
-            items = {key: value}
-        for key, value in items.items():
-            if key not in DEFAULTS:
-                raise unknown_key(key)
-            cfg[key] = check_value(key, value)
-    return cfg
+    return parse_config(argv, DEFAULTS, NONE_TYPES, "the defaults block at the top of train.py")
 
 
 # -----------------------------------------------------------------------------------------------
-# data: see prepare.py for the format
+# setup: where this process runs. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; see common.py
 
-def load_dataset(cfg, rank):
-    data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path) and cfg["dataset"] in ("pystdlib", prepare.CLASSIFY_DEMO) and rank == 0:
-        print(f"preparing the built-in corpus into {data_dir} (once)")
-        prepare.prepare(name=cfg["dataset"], tokenizer=cfg["tokenizer"], out_dir=cfg["data_root"])
-    barrier()
-    meta = prepare.load_meta(data_dir)
-    return meta, prepare.load_split(data_dir, "train", meta), prepare.load_split(data_dir, "val", meta)
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process runs, resolved once by setup() (the config dict stays as given)."""
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    world: int = 1
+    parallel: str = "single"    # 'single' | 'ddp' | 'fsdp'
+    compile: bool = False
 
+    @property
+    def master(self):
+        return self.rank == 0
 
-def window_batch(data, starts, T, device):
-    """Rows data[s:s+T] as inputs and data[s+1:s+T+1] as next-token targets, (B, T) each."""
-    x = torch.from_numpy(np.stack([data[s:s + T] for s in starts]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[s + 1:s + T + 1] for s in starts]).astype(np.int64))
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-def get_batch(data, cfg, T, step, micro, rank, world, device):
-    """One micro-batch of training data as the model's keyword arguments. `data`: the token array, or for
-    the encoder objectives the split indexed by prepare.encoder_corpus."""
-    if isinstance(data, dict):
-        first = (micro * world + rank) * cfg["batch_size"]  # this rank's slice of the global batch, as in train_starts
-        return encoder_batch(cfg, data, T, device, range(first, first + cfg["batch_size"]), step)
-    x, y = window_batch(data, train_starts(cfg, len(data), T, step, micro, rank, world), T, device)
-    return {"idx": x, "targets": y}
-
-
-def encoder_batch(cfg, corpus, T, device, rows, step=None):
-    """MLM+NSP pairs or labelled examples (prepare.encoder_batch) for global row numbers `rows`, as tensors:
-    drawn from (seed, step, row) in training, so like train_starts they need no state to resume; the
-    fixed validation rows without a step."""
-    b = prepare.encoder_batch(corpus, T, cfg["objective"], rows, None if step is None else cfg["seed"], step)
-    b = {k: torch.from_numpy(v) for k, v in b.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device) for k, v in b.items()}
-
-
-def train_starts(cfg, n_tokens, T, step, micro, rank, world):
-    """The window starts of one micro-batch on one rank: a pure function of (seed, step), so resuming at
-    a step needs no sampler state, and every world size splits the same global batch."""
-    B, A = cfg["batch_size"], cfg["gradient_accumulation_steps"]
-    g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
-    starts = torch.randint(n_tokens - T - 1, (A * world * B,), generator=g)
-    i = (micro * world + rank) * B
-    return starts[i:i + B].tolist()
-
-
-def eval_starts(n_tokens, T, n):
-    """n evenly spaced windows over the validation split: the same every evaluation and every run."""
-    return np.linspace(0, n_tokens - T - 1, n).astype(np.int64).tolist()
-
-
-# -----------------------------------------------------------------------------------------------
-# distributed helpers: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; we use PyTorch's collectives only
-
-def all_reduce_sum(t):
-    if dist_on():
-        torch.distributed.all_reduce(t)
-    return t
+    def autocast(self):
+        """bf16/fp16 autocast, except under FSDP, which casts through its MixedPrecisionPolicy instead."""
+        low = self.dtype != torch.float32 and self.parallel != "fsdp"
+        return torch.autocast(self.device.type, dtype=self.dtype) if low else nullcontext()
 
 
 def setup(cfg):
-    """Device, dtype and the process group. Returns (device, ptdtype, rank, world, parallel)."""
-    from datetime import timedelta
+    """Resolve device, dtype, parallel mode and compile from the config and torchrun's environment, set the
+    CPU thread count and join the process group under torchrun. Returns a Runtime."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     dev = cfg["device"]
@@ -231,7 +142,20 @@ def setup(cfg):
         raise ValueError(f"parallel={parallel!r} is not one of 'auto', 'single', 'ddp', 'fsdp'")
     if parallel != "single" and "RANK" not in os.environ:
         raise ValueError(f"parallel={parallel!r} needs torchrun: torchrun --nproc_per_node=N train.py ...")
-    dt = cfg["dtype"]
+    dtype = resolve_dtype(cfg["dtype"], device, parallel)
+    compile = device.type == "cuda" if cfg["compile"] is None else cfg["compile"]
+    if compile and not (torch._dynamo.is_dynamo_supported() and device.type in ("cpu", "cuda")):
+        raise ValueError(f"compile=True is not supported here (Python {sys.version.split()[0]}, device "
+                         f"{device.type}); use --compile=False")
+    if cfg["activation_checkpointing"] not in ("none", "full"):
+        raise ValueError(f"activation_checkpointing={cfg['activation_checkpointing']!r} is not 'none' or 'full'")
+    if device.type == "cpu":
+        torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    init_distributed("nccl" if device.type == "cuda" else "gloo", cfg["dist_timeout_minutes"])
+    return Runtime(device, dtype, rank, world, parallel, compile)
+
+
+def resolve_dtype(dt, device, parallel):
     if dt == "auto":
         dt = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
     if dt not in ("float32", "bfloat16", "float16"):
@@ -243,33 +167,69 @@ def setup(cfg):
                          "use --dtype=float32 (or bfloat16)")
     if dt == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"dtype='bfloat16' is not supported by {torch.cuda.get_device_name(device)}; use float16")
-    if cfg["compile"] is None:
-        cfg["compile"] = device.type == "cuda"
-    if cfg["compile"] and not (torch._dynamo.is_dynamo_supported() and device.type in ("cpu", "cuda")):
-        raise ValueError(f"compile=True is not supported here (Python {sys.version.split()[0]}, device "
-                         f"{device.type}); use --compile=False")
-    if cfg["activation_checkpointing"] not in ("none", "full"):
-        raise ValueError(f"activation_checkpointing={cfg['activation_checkpointing']!r} is not 'none' or 'full'")
-    if device.type == "cpu":
-        torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    if "RANK" in os.environ and not dist_on():  # under torchrun, even at world size 1 (DDP needs a group)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=timedelta(minutes=cfg["dist_timeout_minutes"]))
-    return device, getattr(torch, dt), rank, world, parallel
+    return getattr(torch, dt)
 
 
 # -----------------------------------------------------------------------------------------------
-# model: built on the meta device, parallelised from outside, then materialised and initialised
+# resolve the run: everything read and checked before any compute
 
-def model_config(cfg, meta, ckpt_args=None):
+@dataclass(frozen=True)
+class Run:
+    """What a run reads before any compute, checked against each other."""
+    meta: dict                  # the corpus's meta.json
+    splits: tuple               # (train, val) as the data.py batch builders take them
+    ckpt: dict | None           # the checkpoint to resume or fine-tune from
+    resuming: bool
+    mcfg: M.ModelConfig
+    T: int                      # tokens per sequence
+    provenance: dict            # torch version, device, world size, git commit, resolved config
+
+
+def resolve_run(cfg, rt):
+    """Prepare the built-in corpus if needed, then read the corpus, the checkpoint and the model config."""
+    data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
+    if not os.path.exists(os.path.join(data_dir, "meta.json")) and cfg["dataset"] in ("pystdlib", prepare.CLASSIFY_DEMO) and rt.master:
+        print(f"preparing the built-in corpus into {data_dir} (once)")
+        prepare.prepare(name=cfg["dataset"], tokenizer=cfg["tokenizer"], out_dir=cfg["data_root"])
+    barrier()
+    meta = data.load_meta(data_dir)
+    tokens = [data.load_split(data_dir, s, meta) for s in ("train", "val")]
+    splits = tokens if cfg["objective"] == "clm" else [data.encoder_corpus(data_dir, s, meta, cfg["objective"])
+                                                       for s in ("train", "val")]
+    ckpt, resuming = None, cfg["init_from"] == "resume"
+    if cfg["init_from"] != "scratch":
+        path = find_checkpoint(cfg["out_dir"] if resuming else cfg["init_from"])
+        if path is None and resuming:
+            raise FileNotFoundError(f"init_from='resume' but {cfg['out_dir']} holds no checkpoint (ckpt-STEP.pt "
+                                    f"or .dcp); use init_from='scratch' or point out_dir at the run to resume")
+        ckpt = load_checkpoint(path or cfg["init_from"])
+    mcfg = model_config(cfg, meta, ckpt["model_args"] if ckpt else None)
+    if ckpt and (ckpt["meta"]["tokenizer"], ckpt["meta"]["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"]):
+        raise ValueError(f"the checkpoint was trained with tokenizer {ckpt['meta']['tokenizer']!r}, dataset "
+                         f"{cfg['dataset']!r} uses {meta['tokenizer']!r}; prepare it with --tokenizer={ckpt['meta']['tokenizer']}")
+    T = cfg["seq_len"] or mcfg.block_size  # (the model refuses one longer than its block_size)
+    for name, split in zip(("training", "validation"), tokens):
+        if len(split) <= T + 1:
+            raise ValueError(f"the {name} split has {len(split)} tokens, not more than block_size={T}; "
+                             f"use a smaller --block_size or more data")
+        if int(split.max()) >= mcfg.vocab_size:  # one pass over the data, before any compute
+            raise ValueError(f"the {name} split holds token id {int(split.max())} >= the model's vocab_size="
+                             f"{mcfg.vocab_size}: the .bin does not match meta.json; re-run prepare.py")
+    resolved = dict(cfg, device=str(rt.device), dtype=str(rt.dtype).split(".")[-1], parallel=rt.parallel, compile=rt.compile)
+    return Run(meta, tuple(splits), ckpt, resuming, mcfg, T, provenance(resolved, rt.device, rt.world))
+
+
+def model_config(cfg, meta=None, ckpt_args=None):
+    """The ModelConfig of a run: the preset with the config's overrides, or the checkpoint's architecture
+    (only dropout and the head may change). meta: the corpus's meta.json; None keeps the preset's vocabulary."""
     heads = {"clm": "lm", "mlm_nsp": "mlm_nsp", "classify": "classify"}
     if cfg["objective"] not in heads:
         raise ValueError(f"objective={cfg['objective']!r} is not one of {list(heads)}")
     head = heads[cfg["objective"]]
     # the encoder objectives: bidirectional, their head, [CLS] [SEP] [MASK] [PAD] after the base vocabulary
     task = {} if head == "lm" else dict(head=head, causal=False, **({"n_labels": len(meta["labels"])} if head == "classify" else {}))
-    vocab = meta["vocab_size"] + (prepare.N_SPECIAL if task else 0)
-    if ckpt_args is not None:  # resume / fine-tune: the checkpoint's architecture; only dropout (and the head) may change
+    vocab = meta and meta["vocab_size"] + (data.N_SPECIAL if task else 0)
+    if ckpt_args is not None:
         for k in MODEL_KEYS:
             if cfg.get(k) is not None and k != "dropout" and cfg[k] != ckpt_args[k]:
                 raise ValueError(f"the checkpoint was trained with {k}={ckpt_args[k]!r} but the config sets {k}="
@@ -277,14 +237,56 @@ def model_config(cfg, meta, ckpt_args=None):
         mcfg = M.ModelConfig(**dict(ckpt_args, **task, dropout=cfg["dropout"] if cfg["dropout"] is not None else ckpt_args["dropout"]))
     else:
         overrides = {**({"type_vocab_size": 2} if task else {}), **task, **{k: cfg[k] for k in MODEL_KEYS if cfg.get(k) is not None}}
-        mcfg = M.config_from_preset(cfg["model"], **{"vocab_size": vocab, **overrides})
+        mcfg = M.config_from_preset(cfg["model"], **{**({"vocab_size": vocab} if vocab else {}), **overrides})
     if mcfg.head != head:
         raise ValueError(f"the model has head={mcfg.head!r}, objective={cfg['objective']!r} needs {head!r}: "
                          f"set objective to match the checkpoint or the preset")
-    if mcfg.vocab_size < vocab:
+    if vocab and mcfg.vocab_size < vocab:
         raise ValueError(f"vocab_size={mcfg.vocab_size} is smaller than the dataset's vocabulary ({vocab}: tokenizer "
                          f"{meta['tokenizer']}{' + 4 special tokens' if task else ''}): token ids would overflow the embedding")
     return mcfg
+
+
+# -----------------------------------------------------------------------------------------------
+# build: the model on the meta device, parallelised from outside, materialised; optimizer; restore
+
+def build_model(cfg, mcfg, rt):
+    """The Transformer, parallelised and initialised. Under FSDP it is sharded while still on the meta
+    device, so a rank only ever allocates its own shards; DDP wraps real weights (it broadcasts them)."""
+    with torch.device("meta"):
+        net = M.Transformer(mcfg)
+    if rt.parallel == "fsdp":
+        net = parallelize(net, cfg, rt)
+    net.to_empty(device=rt.device)
+    init_params(net, cfg["seed"], rt.device)
+    return net if rt.parallel == "fsdp" else parallelize(net, cfg, rt)
+
+
+def parallelize(model, cfg, rt):
+    """Activation checkpointing, compile, FSDP2 and DDP, in that order: the one place that applies them.
+    The model itself knows nothing of them, and its parameter names stay unchanged (no _orig_mod.)."""
+    for block in model.blocks:
+        if cfg["activation_checkpointing"] == "full":
+            checkpointed(block)
+        if rt.compile and rt.parallel == "fsdp":  # per block, so FSDP can overlap communication
+            block.compile()
+    if rt.compile and rt.parallel != "fsdp":
+        model.compile()  # in place
+    if rt.parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch 2.6 keeps FSDP2 under _composable
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(rt.device.type, (rt.world,))
+        mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+    if rt.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return model
 
 
 def checkpointed(block):
@@ -292,32 +294,6 @@ def checkpointed(block):
     from torch.utils.checkpoint import checkpoint
     inner = block.forward
     block.forward = lambda *args, **kw: checkpoint(inner, *args, use_reentrant=False, **kw)
-
-
-def build_model(cfg, mcfg, device, ptdtype, parallel, world):
-    with torch.device("meta"):
-        model = M.Transformer(mcfg)
-    for block in model.blocks:
-        if cfg["activation_checkpointing"] == "full":
-            checkpointed(block)
-        if cfg["compile"] and parallel == "fsdp":  # per block, so FSDP can overlap communication
-            block.compile()
-    if parallel == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        try:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        except ImportError:  # torch 2.6 keeps FSDP2 under _composable
-            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(device.type, (world,))
-        mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
-    model.to_empty(device=device)
-    init_params(model, cfg["seed"], device)
-    if cfg["compile"] and parallel != "fsdp":
-        model.compile()  # in place: state_dict keys stay free of _orig_mod.
-    return model
 
 
 @torch.no_grad()
@@ -344,6 +320,13 @@ def make_optimizer(cfg, model, device):
                              fused=device.type == "cuda")
 
 
+def state_bytes(n_params, world, parallel):
+    """Bytes per rank of what every parameter costs: fp32 weights and gradients, AdamW's two fp32 moments;
+    sharded over the ranks under FSDP. Activations come on top (bench.py --estimate)."""
+    n = n_params / (world if parallel == "fsdp" else 1)
+    return dict(params=4 * n, grads=4 * n, optimizer=8 * n)
+
+
 def get_lr(cfg, step):
     decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
     if step < cfg["warmup_iters"]:
@@ -354,230 +337,255 @@ def get_lr(cfg, step):
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-# -----------------------------------------------------------------------------------------------
-
-def autocast(device, ptdtype, parallel):
-    """bf16/fp16 autocast, except under FSDP, which casts through its MixedPrecisionPolicy instead."""
-    return torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 and parallel != "fsdp" else nullcontext()
+COUNTERS = ("step", "best_val", "bad_evals", "last_eval")  # what a checkpoint carries besides the state dicts
 
 
-def forward_backward(model, optimizer, scaler, batches, cfg, ctx, parallel, head="lm"):
-    """Forward and backward over one step's micro-batches, reducing gradients on the last one only, then
-    unscale and clip. Returns (summed loss, gradient norm, summed M.metric_sums, 0 for the lm head);
-    applying the update is left to the caller."""
-    A, loss_sum, sums = cfg["gradient_accumulation_steps"], 0.0, 0
-    for micro, batch in enumerate(batches):
-        last = micro == A - 1
-        if parallel == "fsdp":
-            model.set_requires_gradient_sync(last)  # reduce-scatter gradients only once per step
-        with model.no_sync() if parallel == "ddp" and not last else nullcontext(), ctx:
-            logits, loss = model(**batch)
-            if head != "lm":  # the loss parts and accuracies, for the log line
-                sums = sums + M.metric_sums(head, logits, loss, batch)
-            loss = loss / A
-        scaler.scale(loss).backward()
-        loss_sum = loss_sum + loss.detach()
-    scaler.unscale_(optimizer)
-    return loss_sum, torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf")), sums
+@dataclass
+class State:
+    """The live objects of a run, and the counters the loop updates."""
+    model: torch.nn.Module      # what is called: plain, compiled, DDP-wrapped or FSDP-sharded
+    raw: torch.nn.Module        # the Transformer itself, for state dicts
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    best_val: float = float("inf")
+    bad_evals: int = 0          # evaluations since the best one (early stopping)
+    last_eval: int = -1         # the step last evaluated: a resumed run does not repeat it
+    bad_run: int = 0            # non-finite steps in a row
+    saved_step: int = -1        # the last checkpoint: its step, when it was written, its path
+    saved_time: float = 0.0
+    saved_path: str | None = None
 
 
-@torch.no_grad()
-def evaluate(model, val, cfg, T, device, ctx, rank, world, head="lm"):
-    """Metrics over eval_iters fixed validation batches per rank: {"loss": the mean loss (mlm_nsp: the
-    total L_MLM + L_NSP), and the head's parts and accuracies, M.METRICS}. `val` as in get_batch."""
-    model.eval()
-    n_batches, B = cfg["eval_iters"] * world, cfg["batch_size"]  # the same rows at every world size with the same global batch
-    starts = None if isinstance(val, dict) else eval_starts(len(val), T, n_batches * B)
-    total = torch.zeros(2 * len(M.METRICS[head]), device=device, dtype=torch.float64)
-    for i in range(rank, n_batches, world):
-        if starts is None:
-            batch = encoder_batch(cfg, val, T, device, range(i * B, (i + 1) * B))
-        else:
-            x, y = window_batch(val, starts[i * B:(i + 1) * B], T, device)
-            batch = {"idx": x, "targets": y}
-        with ctx:
-            logits, loss = model(**batch)
-        total += M.metric_sums(head, logits, loss, batch)
-    model.train()
-    return M.summarize(head, all_reduce_sum(total))
-
-
-def train(cfg):
-    """Run training with the resolved config dict. Returns a summary (losses, evaluations, step)."""
-    device, ptdtype, rank, world, parallel = setup(cfg)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    B, A = cfg["batch_size"], cfg["gradient_accumulation_steps"]
-    meta, train_data, val = load_dataset(cfg, rank)
-    src = (train_data, val) if cfg["objective"] == "clm" else [  # encoder objectives: documents, line ends, labels indexed once
-        prepare.encoder_corpus(os.path.join(cfg["data_root"], cfg["dataset"]), s, meta, cfg["objective"]) for s in ("train", "val")]
-
-    ckpt, resuming = None, cfg["init_from"] == "resume"
-    if resuming:
-        path = find_checkpoint(cfg["out_dir"])
-        if path is None:
-            raise FileNotFoundError(f"init_from='resume' but {cfg['out_dir']} holds no checkpoint (ckpt-STEP.pt "
-                                    f"or .dcp); use init_from='scratch' or point out_dir at the run to resume")
-        ckpt = load_checkpoint(path)
-    elif cfg["init_from"] != "scratch":
-        ckpt = load_checkpoint(cfg["init_from"])
-    mcfg = model_config(cfg, meta, ckpt["model_args"] if ckpt else None)
-    if ckpt and (ckpt["meta"]["tokenizer"], ckpt["meta"]["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"]):
-        raise ValueError(f"the checkpoint was trained with tokenizer {ckpt['meta']['tokenizer']!r}, dataset "
-                         f"{cfg['dataset']!r} uses {meta['tokenizer']!r}; prepare it with --tokenizer={ckpt['meta']['tokenizer']}")
-    T = cfg["seq_len"] or mcfg.block_size  # (the model refuses one longer than its block_size)
-    for name, split in (("training", train_data), ("validation", val)):
-        if len(split) <= T + 1:
-            raise ValueError(f"the {name} split has {len(split)} tokens, not more than block_size={T}; "
-                             f"use a smaller --block_size or more data")
-        if int(split.max()) >= mcfg.vocab_size:  # one pass over the data, before any compute
-            raise ValueError(f"the {name} split holds token id {int(split.max())} >= the model's vocab_size="
-                             f"{mcfg.vocab_size}: the .bin does not match meta.json; re-run prepare.py")
-
-    model = build_model(cfg, mcfg, device, ptdtype, parallel, world)
-    raw_model = model
-    if parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    optimizer = make_optimizer(cfg, raw_model, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
-    step, best_val, bad_evals = 0, float("inf"), 0
+def build(cfg, rt, mcfg, ckpt=None, resuming=False):
+    """Model, optimizer and loss scaler; from a checkpoint, the weights (fine-tune) or everything (resume)."""
+    model = build_model(cfg, mcfg, rt)
+    raw = model.module if rt.parallel == "ddp" else model
+    s = State(model, raw, make_optimizer(cfg, raw, rt.device), torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16))
     if ckpt and not resuming and ckpt["model_args"].get("head", "lm") != mcfg.head:  # fine-tune onto another head
         if "model" not in ckpt:
             raise ValueError("fine-tuning onto another head needs a .pt checkpoint: export the sharded one with "
                              "python sample.py --ckpt=PATH.dcp --export=FILE.pt")
-        ckpt["model"] = M.adapt_heads(ckpt["model"], raw_model, cfg["seed"])
-    if ckpt:  # resume: weights, optimizer and counters; fine-tune: weights only
-        restore(ckpt, raw_model, optimizer if resuming else None)
+        ckpt["model"] = M.adapt_heads(ckpt["model"], raw, cfg["seed"])
+    if ckpt:
+        restore(ckpt, raw, s.optimizer if resuming else None)
     if resuming:
-        scaler.load_state_dict(ckpt["scaler"])
-        step, best_val, bad_evals = ckpt["step"], ckpt["best_val"], ckpt["bad_evals"]
-    ctx = autocast(device, ptdtype, parallel)
+        s.scaler.load_state_dict(ckpt["scaler"])
+        for k in COUNTERS:
+            setattr(s, k, ckpt[k])
+    s.saved_step, s.saved_time, s.saved_path = s.step if resuming else -1, time.time(), find_checkpoint(cfg["out_dir"])
+    return s
 
-    log(json.dumps({k: cfg[k] for k in DEFAULTS}, indent=None))
-    log(f"model {cfg['model']}: {raw_model.num_params():,} parameters; {asdict(mcfg)}")
-    tokens_per_step = B * A * world * T
-    flops_tok = M.flops_per_token(mcfg, T)
-    peak, peak_src = M.peak_flops(device, ptdtype)
-    log(f"device {device} {str(ptdtype).split('.')[-1]}, parallel={parallel} world={world}, "
-        f"{tokens_per_step:,} tokens/step, MFU vs {peak / 1e12:.2f} TFLOP/s ({peak_src})")
-    shard = world if parallel == "fsdp" else 1  # fp32 weights and grads, AdamW's two fp32 moments
-    log("per-rank memory estimate: " + ", ".join(f"{k} {b * raw_model.num_params() / shard / 2**30:.2f} GiB" for k, b in
-                                                  (("params", 4), ("grads", 4), ("optimizer", 8))) + " + activations")
+
+# -----------------------------------------------------------------------------------------------
+# the steps of the loop
+
+def get_batch(run, cfg, rt, step, micro):
+    """Micro-batch `micro` of training step `step` on this rank, on the device."""
+    B, A = cfg["batch_size"], cfg["gradient_accumulation_steps"]
+    first = (micro * rt.world + rt.rank) * B  # this rank's rows of the global batch
+    rows = data.train_batch(run.splits[0], cfg["objective"], run.T, range(first, first + B), A * rt.world * B, cfg["seed"], step)
+    return data.to_device(rows, rt.device)
+
+
+@torch.no_grad()
+def evaluate(model, run, cfg, rt):
+    """Metrics over eval_iters fixed validation batches per rank: {"loss": the mean loss (mlm_nsp: the
+    total L_MLM + L_NSP), and the head's parts and accuracies, M.METRICS}."""
+    model.eval()
+    head, B, n = run.mcfg.head, cfg["batch_size"], cfg["eval_iters"] * rt.world  # the same rows at every world size
+    total = torch.zeros(2 * len(M.METRICS[head]), device=rt.device, dtype=torch.float64)
+    for i in range(rt.rank, n, rt.world):
+        batch = data.to_device(data.eval_batch(run.splits[1], cfg["objective"], run.T, range(i * B, (i + 1) * B), n * B), rt.device)
+        with rt.autocast():
+            logits, loss = model(**batch)
+        total += M.metric_sums(head, logits, loss, batch)
+    model.train()
+    return M.metrics_from_sums(head, all_reduce_sum(total))
+
+
+def forward_backward(s, batches, cfg, rt):
+    """Forward and backward over one step's micro-batches, reducing gradients on the last one only, then
+    unscale and clip. Returns (summed loss, gradient norm, summed M.metric_sums, 0 for the lm head)."""
+    A, head, loss_sum, sums = cfg["gradient_accumulation_steps"], s.raw.cfg.head, 0.0, 0
+    for micro, batch in enumerate(batches):
+        last = micro == A - 1
+        if rt.parallel == "fsdp":
+            s.model.set_requires_gradient_sync(last)  # reduce-scatter gradients only once per step
+        with s.model.no_sync() if rt.parallel == "ddp" and not last else nullcontext(), rt.autocast():
+            logits, loss = s.model(**batch)
+            if head != "lm":  # the loss parts and accuracies, for the log line
+                sums = sums + M.metric_sums(head, logits, loss, batch)
+            loss = loss / A
+        s.scaler.scale(loss).backward()
+        loss_sum = loss_sum + loss.detach()
+    s.scaler.unscale_(s.optimizer)
+    return loss_sum, torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg["grad_clip"] or float("inf")), sums
+
+
+def train_step(s, batches, cfg, rt, lr, flags=()):
+    """One optimizer step at learning rate lr: forward/backward, the step's one collective (the loss, and
+    `flags` such as "this rank got a signal"), then the update, skipped when the loss or the gradient is
+    non-finite (fp16: the scaler decides); max_bad_steps such steps in a row stop the run.
+    Returns (mean loss, the flags summed over ranks, metric sums, whether the step was skipped as bad)."""
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    torch.manual_seed(M.mix_seed(cfg["seed"], s.step * 1009 + rt.rank))  # dropout: a function of the step, so resume is exact
+    loss_sum, norm, sums = forward_backward(s, batches, cfg, rt)
+    reduced = all_reduce_sum(torch.stack([loss_sum.float()] + [torch.tensor(float(f), device=rt.device) for f in flags]))
+    loss = reduced[0].item() / rt.world
+    finite = math.isfinite(loss) and bool(torch.isfinite(norm))
+    if finite or s.scaler.is_enabled():  # fp16: the scaler skips inf gradients and lowers its scale
+        s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    bad = not math.isfinite(loss) or not (finite or s.scaler.is_enabled())
+    s.bad_run = s.bad_run + 1 if bad else 0
+    if bad:
+        log(rt, f"step {s.step}: non-finite loss {loss} or gradient norm {norm.item()}: update skipped ({s.bad_run} in a row)")
+    if s.bad_run >= cfg["max_bad_steps"]:
+        raise RuntimeError(f"stopping at step {s.step}: {s.bad_run} non-finite steps in a row at lr {lr:.2e}; "
+                           f"the last good checkpoint is {s.saved_path}; resume from it with a lower "
+                           f"learning_rate (or more warmup_iters, or grad_clip)")
+    return loss, reduced[1:].tolist(), sums, bad
+
+
+def eval_step(s, cfg, rt, run, summary):
+    """Evaluate, note the best, checkpoint when due. Returns True when early stopping ends the run."""
+    metrics = evaluate(s.model, run, cfg, rt)
+    val_loss, parts = metrics["loss"], {k: v for k, v in metrics.items() if k != "loss"}
+    improved = val_loss < s.best_val
+    s.best_val, s.bad_evals = (val_loss, 0) if improved else (s.best_val, s.bad_evals + 1)
+    s.last_eval = s.step
+    summary["evals"].append((s.step, val_loss))
+    summary["metrics"] = metrics
+    log(rt, f"step {s.step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
+        + "".join(f", {k} {v:.4f}" for k, v in parts.items()) + f"{' best' if improved else ''}")
+    log_record(rt, cfg, {"step": s.step, "val_loss": val_loss, **{f"val_{k}": v for k, v in parts.items()}})
+    if s.step > 0 and (improved or not cfg["checkpoint_interval"]):
+        save(s, cfg, rt, run, best=improved)
+    if cfg["patience"] and s.bad_evals >= cfg["patience"]:
+        log(rt, f"early stop: no improvement in {s.bad_evals} evaluations (best {s.best_val:.4f})")
+        summary["stopped_early"] = True
+    return summary["stopped_early"]
+
+
+def save(s, cfg, rt, run, best=False):
+    """Checkpoint ckpt-STEP (once per step) and, if `best`, best; keep the newest keep_last ckpt-STEP.
+    Never saves non-finite weights; a failed write names the previous checkpoint, which stays intact."""
+    if not cfg["save_checkpoints"] or (s.saved_step == s.step and not best):
+        return
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in s.raw.parameters())
+    if all_reduce_sum(torch.tensor(bad, device=rt.device)).item():
+        raise RuntimeError(f"refusing to save a model with non-finite weights at step {s.step}")
+    extra = {"scaler": s.scaler.state_dict(), **{k: getattr(s, k) for k in COUNTERS}, "config": cfg,
+             "model_args": asdict(run.mcfg), "meta": run.meta, "provenance": run.provenance}
     out = cfg["out_dir"]
-    if master:
-        os.makedirs(out, exist_ok=True)
+    for name in ([f"ckpt-{s.step:07d}"] if s.saved_step != s.step else []) + (["best"] if best else []):
+        try:
+            save_checkpoint(os.path.join(out, name), s.raw, s.optimizer, extra, rt.parallel, rt.master)
+        except OSError as e:
+            raise OSError(f"could not write checkpoint {name} to {out} ({e}); the previous checkpoint "
+                          f"{s.saved_path} is intact: free space or fix permissions, then resume") from e
+    if rt.master:
+        prune_checkpoints(out, cfg["keep_last"])
+    s.saved_step, s.saved_time, s.saved_path = s.step, time.time(), find_checkpoint(out)
 
-    def write_log(rec):
-        if master:
-            with open(os.path.join(out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
 
-    saved = {"step": step if resuming else -1, "time": time.time(), "path": find_checkpoint(out)}
+# -----------------------------------------------------------------------------------------------
+# logging: the console and out_dir/log.jsonl, from rank 0 only
 
-    def save(best=False):
-        """Checkpoint ckpt-STEP (and best), never a non-finite model; keep the newest keep_last."""
-        if not cfg["save_checkpoints"] or (saved["step"] == step and not best):
-            return
-        bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
-                  for p in raw_model.parameters())
-        if all_reduce_sum(torch.tensor(bad, device=device)).item():
-            raise RuntimeError(f"refusing to save a model with non-finite weights at step {step}")
-        extra = {"scaler": scaler.state_dict(), "step": step, "best_val": best_val, "bad_evals": bad_evals,
-                 "last_eval": last_eval, "config": cfg, "model_args": asdict(mcfg), "meta": meta}
-        names = ([f"ckpt-{step:07d}"] if saved["step"] != step else []) + (["best"] if best else [])
-        for name in names:
-            try:
-                save_checkpoint(os.path.join(out, name), raw_model, optimizer, extra, parallel, master)
-            except OSError as e:
-                raise OSError(f"could not write checkpoint {name} to {out} ({e}); the previous checkpoint "
-                              f"{saved['path']} is intact: free space or fix permissions, then resume") from e
-        if master:
-            prune_checkpoints(out, cfg["keep_last"])
-        saved.update(step=step, time=time.time(), path=find_checkpoint(out))
+def log(rt, msg):
+    if rt.master:
+        print(msg, flush=True)
 
-    stop = []  # SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, checkpoint, exit cleanly
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: stop.append(signum))
 
+def log_record(rt, cfg, rec):
+    if rt.master:
+        with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+@dataclass
+class Meter:
+    """Throughput between log lines: the step time's moving average and the metric sums since the last."""
+    tokens_per_step: int
+    flops_per_token: float
+    peak: float
+    t0: float = field(default_factory=time.time)
+    dt_ema: float | None = None
+    sums: object = 0
+
+
+def log_start(s, cfg, rt, run):
+    """The resolved config, the model, device and memory lines; the provenance record opens log.jsonl."""
+    if rt.master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+    log(rt, json.dumps(run.provenance["config"]))  # the resolved config: 'auto' and None replaced by their values
+    log(rt, f"model {cfg['model']}: {s.raw.num_params():,} parameters; {asdict(run.mcfg)}")
+    log_record(rt, cfg, run.provenance)
+    peak, peak_src = M.peak_flops(rt.device, rt.dtype)
+    meter = Meter(cfg["batch_size"] * cfg["gradient_accumulation_steps"] * rt.world * run.T, M.flops_per_token(run.mcfg, run.T), peak)
+    log(rt, f"device {rt.device} {str(rt.dtype).split('.')[-1]}, parallel={rt.parallel} world={rt.world}, "
+        f"{meter.tokens_per_step:,} tokens/step, MFU vs {peak / 1e12:.2f} TFLOP/s ({peak_src})")
+    log(rt, "per-rank memory estimate: " + ", ".join(f"{k} {b / 2**30:.2f} GiB" for k, b in
+                                                     state_bytes(s.raw.num_params(), rt.world, rt.parallel).items()) + " + activations")
+    return meter
+
+
+def log_step(s, cfg, rt, meter, loss, lr, dt):
+    """Every log_interval steps: the console line and a log.jsonl record (loss, lr, tok/s, MFU, ETA)."""
+    meter.dt_ema = dt if meter.dt_ema is None else 0.9 * meter.dt_ema + 0.1 * dt
+    if s.step % cfg["log_interval"] and s.step != cfg["max_iters"]:
+        return
+    head = s.raw.cfg.head
+    parts = {k: v for k, v in M.metrics_from_sums(head, all_reduce_sum(meter.sums)).items() if k != "loss"} if head != "lm" else {}
+    meter.sums = 0
+    tok_s = meter.tokens_per_step / meter.dt_ema
+    mfu, eta = meter.flops_per_token * tok_s / (meter.peak * rt.world), meter.dt_ema * (cfg["max_iters"] - s.step)
+    log_record(rt, cfg, {"step": s.step, "loss": round(loss, 4), "lr": lr, "tok_s": round(tok_s), "mfu": round(mfu, 4),
+                         "ms_step": round(meter.dt_ema * 1000, 1), "eta_s": round(eta), "elapsed_s": round(time.time() - meter.t0, 1),
+                         **{k: round(v, 4) for k, v in parts.items()}})
+    mem = (f", peak memory {torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB allocated "
+           f"{torch.cuda.max_memory_reserved(rt.device) / 2**30:.1f} reserved" if rt.device.type == "cuda" else "")
+    log(rt, f"step {s.step}: loss {loss:.4f}" + "".join(f", {k} {v:.3f}" for k, v in parts.items()) +
+        f", lr {lr:.2e}, {tok_s:,.0f} tok/s, MFU {mfu:.1%}, {meter.dt_ema * 1000:.1f} ms/step, ETA {eta / 60:.1f} min{mem}")
+
+
+# -----------------------------------------------------------------------------------------------
+
+def train(cfg):
+    """Run training with a resolved config dict, which is left unchanged. Returns a summary: the training
+    losses, the evaluations, the final step, best validation loss and model."""
+    rt = setup(cfg)
+    run = resolve_run(cfg, rt)
+    s = build(cfg, rt, run.mcfg, run.ckpt, run.resuming)
+    meter = log_start(s, cfg, rt, run)
     summary = {"train_losses": [], "evals": [], "stopped_early": False, "bad_steps": 0}
-    t0, dt_ema, bad_run, sums = time.time(), None, 0, 0
-    last_eval = ckpt["last_eval"] if resuming else -1  # a resumed run does not repeat an evaluation
-    while True:
-        if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and step != last_eval:
-            metrics = evaluate(model, src[1], cfg, T, device, ctx, rank, world, mcfg.head)
-            val_loss, parts = metrics["loss"], {k: v for k, v in metrics.items() if k != "loss"}
-            improved = val_loss < best_val
-            best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
-            summary["evals"].append((step, val_loss))
-            summary["metrics"] = metrics
-            last_eval = step
-            log(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
-                + "".join(f", {k} {v:.4f}" for k, v in parts.items()) + f"{' best' if improved else ''}")
-            write_log({"step": step, "val_loss": val_loss, **{f"val_{k}": v for k, v in parts.items()}})
-            if step > 0 and (improved or not cfg["checkpoint_interval"]):
-                save(best=improved)
-            if cfg["patience"] and bad_evals >= cfg["patience"]:
-                log(f"early stop: no improvement in {bad_evals} evaluations (best {best_val:.4f})")
-                summary["stopped_early"] = True
+    stop = []  # the signals received
+    with catch_signals(stop):
+        while True:
+            if (s.step % cfg["eval_interval"] == 0 or s.step == cfg["max_iters"]) and s.step != s.last_eval:
+                if eval_step(s, cfg, rt, run, summary):
+                    break
+            if s.step >= cfg["max_iters"]:
                 break
-        if step >= cfg["max_iters"]:
-            break
-
-        lr = get_lr(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t_step = time.time()
-        torch.manual_seed(cfg["seed"] * 1_000_003 + step * 1009 + rank)  # dropout: a function of the step, so resume is exact
-        batches = (get_batch(src[0], cfg, T, step, micro, rank, world, device) for micro in range(A))
-        loss_sum, norm, step_sums = forward_backward(model, optimizer, scaler, batches, cfg, ctx, parallel, mcfg.head)
-        sums = sums + step_sums  # summed until the next log line
-        # one collective per step: the loss, and whether any rank saw a signal or wants a timed save
-        timed = cfg["checkpoint_every_minutes"] and time.time() - saved["time"] > 60 * cfg["checkpoint_every_minutes"]
-        flags = all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(bool(stop)), device=device),
-                                            torch.tensor(float(bool(timed)), device=device)]))
-        train_loss = flags[0].item() / world
-        finite = math.isfinite(train_loss) and bool(torch.isfinite(norm))
-        if finite or scaler.is_enabled():  # fp16: the scaler skips inf gradients and lowers its scale
-            scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        summary["train_losses"].append(train_loss)
-        bad = not math.isfinite(train_loss) or (not finite and not scaler.is_enabled())
-        bad_run = bad_run + 1 if bad else 0
-        summary["bad_steps"] += bad
-        if bad:
-            log(f"step {step}: non-finite loss {train_loss} or gradient norm {norm.item()}: update skipped "
-                f"({bad_run} in a row)")
-            if bad_run >= cfg["max_bad_steps"]:
-                raise RuntimeError(f"stopping at step {step}: {bad_run} non-finite steps in a row at lr {lr:.2e}; "
-                                   f"the last good checkpoint is {saved['path']}; resume from it with a lower "
-                                   f"learning_rate (or more warmup_iters, or grad_clip)")
-        if (cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0) or flags[1] or flags[2]:
-            save()
-        if flags[1]:
-            log(f"signal received: checkpoint at step {step} written to {saved['path']}; exiting")
-            summary["preempted"] = True
-            break
-        dt = time.time() - t_step
-        dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
-        if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
-            tok_s = tokens_per_step / dt_ema
-            parts = {k: v for k, v in M.summarize(mcfg.head, all_reduce_sum(sums)).items() if k != "loss"} if mcfg.head != "lm" else {}
-            sums = 0
-            mfu = flops_tok * tok_s / (peak * world)
-            eta = dt_ema * (cfg["max_iters"] - step)
-            write_log({"step": step, "loss": round(train_loss, 4), "lr": lr, "tok_s": round(tok_s), "mfu": round(mfu, 4),
-                       "ms_step": round(dt_ema * 1000, 1), "eta_s": round(eta), "elapsed_s": round(time.time() - t0, 1),
-                       **{k: round(v, 4) for k, v in parts.items()}})
-            mem = (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated "
-                   f"{torch.cuda.max_memory_reserved(device) / 2**30:.1f} reserved" if device.type == "cuda" else "")
-            log(f"step {step}: loss {train_loss:.4f}" + "".join(f", {k} {v:.3f}" for k, v in parts.items()) +
-                f", lr {lr:.2e}, {tok_s:,.0f} tok/s, MFU {mfu:.1%}, "
-                f"{dt_ema * 1000:.1f} ms/step, ETA {eta / 60:.1f} min{mem}")
-    summary.update(step=step, best_val=best_val, model=raw_model, wall_s=time.time() - t0)
+            t_step, lr = time.time(), get_lr(cfg, s.step)
+            batches = (get_batch(run, cfg, rt, s.step, micro) for micro in range(cfg["gradient_accumulation_steps"]))
+            timed = cfg["checkpoint_every_minutes"] and time.time() - s.saved_time > 60 * cfg["checkpoint_every_minutes"]
+            loss, (signalled, due), sums, bad = train_step(s, batches, cfg, rt, lr, (bool(stop), bool(timed)))
+            meter.sums = meter.sums + sums  # summed until the next log line
+            summary["train_losses"].append(loss)
+            summary["bad_steps"] += bad
+            if (cfg["checkpoint_interval"] and s.step % cfg["checkpoint_interval"] == 0) or signalled or due:
+                save(s, cfg, rt, run)
+            if signalled:
+                log(rt, f"signal received: checkpoint at step {s.step} written to {s.saved_path}; exiting")
+                summary["preempted"] = True
+                break
+            log_step(s, cfg, rt, meter, loss, lr, time.time() - t_step)
+    summary.update(step=s.step, best_val=s.best_val, model=s.raw, wall_s=time.time() - meter.t0)
     return summary
 
 
@@ -586,6 +594,7 @@ if __name__ == "__main__":
         config = get_config(sys.argv[1:])
     except ValueError as e:
         sys.exit(f"config error: {e}")
-    train(config)
-    if dist_on():
-        torch.distributed.destroy_process_group()
+    try:
+        train(config)
+    finally:
+        destroy_distributed()

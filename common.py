@@ -1,0 +1,169 @@
+"""
+Small helpers that several scripts share, each with one home here: atomic file writes, reading JSONL,
+a run's provenance, the config parser, signal handling, and the distributed helpers (a thin layer over torch.distributed: torchrun starts
+the processes, we write no collective of our own). Only the standard library is imported at the top,
+so prepare.py and its worker processes never load torch.
+"""
+import ast
+import difflib
+import json
+import os
+import platform
+import signal
+import subprocess
+import threading
+from contextlib import contextmanager
+
+
+def atomic_write(path, data):
+    """Write `data` (bytes, str, or a function that writes to a binary file) to `path` under a temporary
+    name, fsync it, then rename: a crash or a full disk leaves the old file whole, never a half new one."""
+    path = str(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_jsonl(path):
+    """Yield (line number, record, bytes of the line) for each non-blank line of a .jsonl file; a line
+    that is not JSON raises a ValueError naming the file and line."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: not a line of JSON") from None
+            yield lineno, rec, len(line)
+
+
+def git_commit():
+    """The commit of the checkout this file is in (with '+dirty' for uncommitted changes), or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10)
+        sha = run("rev-parse", "HEAD")
+        if sha.returncode:
+            return None
+        return sha.stdout.strip() + ("+dirty" if run("status", "--porcelain", "-uno").stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(config, device, world):
+    """Where a run's numbers come from: torch version, device name, world size, git commit and config."""
+    import torch
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.machine()})"
+    return dict(torch=str(torch.__version__), device_name=name, world=world, git=git_commit(), config=config)
+
+
+# -----------------------------------------------------------------------------------------------
+# distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; outside it these are no-ops
+
+def dist_on():
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    if dist_on():
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over the ranks in place (and return it); unchanged in a single process."""
+    if dist_on():
+        import torch.distributed as dist
+        dist.all_reduce(t)
+    return t
+
+
+def init_distributed(backend, timeout_minutes):
+    """Under torchrun, join the process group (even at world size 1: DDP needs one) unless already in it.
+    A collective that waits longer than the timeout (a dead rank) fails instead of hanging."""
+    if "RANK" in os.environ and not dist_on():
+        from datetime import timedelta
+        import torch.distributed as dist
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def destroy_distributed():
+    """Leave the process group, if any: call it in a `finally`, so a failed run does not hang the others."""
+    if dist_on():
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------------------------
+# configuration: defaults, then config files (plain Python assignments), then --key=value overrides
+
+def parse_config(argv, defaults, none_types, where):
+    """`defaults` updated by config files (in order) and --key=value overrides (ast.literal_eval; a bare
+    word is a string). Each value must have its default's type, or for a None default its none_types
+    entry. An unknown key or a wrong type raises a ValueError naming it. `where` names the defaults."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise ValueError(f"config file {arg!r} not found (arguments are config files or --key=value)")
+            scope = {}
+            with open(arg) as f:  # a config file is trusted Python, like the script itself
+                exec(compile(f.read(), arg, "exec"), {}, scope)
+            items = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
+                     and type(v).__name__ != "module"}
+        else:
+            key, eq, raw = arg[2:].partition("=")
+            if not eq:
+                raise ValueError(f"override {arg!r} must look like --key=value")
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare word is a string: --dataset=shakespeare
+            items = {key: value}
+        for key, value in items.items():
+            if key not in defaults:
+                close = difflib.get_close_matches(key, defaults, n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; see the defaults in {where}"
+                raise ValueError(f"unknown config key {key!r}{hint}")
+            cfg[key] = check_value(key, value, defaults[key], none_types.get(key))
+    return cfg
+
+
+def check_value(key, value, default, none_type=None):
+    """`value` if it fits the type of `key`'s default (an int where a float is expected becomes a float)."""
+    want = type(default) if default is not None else none_type
+    if value is None and default is None or want is None:
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not want:
+        raise ValueError(f"config key {key!r} expects {want.__name__} (default {default!r}), "
+                         f"got {type(value).__name__} {value!r}")
+    return value
+
+
+@contextmanager
+def catch_signals(stop):
+    """SIGTERM / SIGINT (preemption, Ctrl-C) append to the list `stop` instead of ending the process, so a
+    loop can finish its step, checkpoint and exit; the previous handlers are back however the body ends."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    old = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
