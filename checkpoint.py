@@ -45,8 +45,9 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     file = os.path.join(path, "extra.pt") if os.path.isdir(path) else path
-    try:  # weights_only: a checkpoint is data; a file crafted to run code on load is refused
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    try:  # weights_only: a checkpoint is data; a file crafted to run code on load is refused. mmap: tensors are
+        # read from the page cache as used, so the ranks of a node share one copy and each touches only its shards
+        ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
                          f"it is corrupted, truncated or not an anvil checkpoint") from e

@@ -69,6 +69,53 @@ def provenance(config, device, world):
 
 
 # -----------------------------------------------------------------------------------------------
+# device and dtype: pure functions of what was asked for and what the machine has, so CPU tests cover them
+
+def resolve_device(requested, cuda=False, n_cuda=0, mps=False, local_world=1, local_rank=0):
+    """The device string for `requested` ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'). A CUDA device always
+    carries an index: torch.cuda.set_device and NCCL need one. Under torchrun each local rank takes
+    cuda:LOCAL_RANK; naming one GPU then would put every rank on it."""
+    dev = requested
+    if dev == "auto":
+        dev = "cuda" if cuda else "mps" if mps else "cpu"
+    kind, _, index = dev.partition(":")
+    if kind == "cuda":
+        if not cuda or n_cuda < 1:
+            raise ValueError(f"device={requested!r} but no CUDA device is available; use --device=cpu")
+        if index and local_world > 1:
+            raise ValueError(f"device={requested!r} names one GPU for all {local_world} local ranks; use "
+                             f"--device=cuda (each rank takes cuda:LOCAL_RANK)")
+        if not index.isdigit() and index:
+            raise ValueError(f"device={requested!r} is not a device; use cuda or cuda:N")
+        i = int(index) if index else local_rank
+        if i >= n_cuda:
+            raise ValueError(f"device={requested!r} needs GPU {i}, but there are {n_cuda}; use cuda:0..cuda:{n_cuda - 1}")
+        return f"cuda:{i}"
+    if kind == "mps" and not mps:
+        raise ValueError(f"device={requested!r} but MPS is not available; use --device=cpu")
+    if kind not in ("cpu", "mps") or index:
+        raise ValueError(f"device={requested!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+    return kind
+
+
+def resolve_dtype(requested, device_type, parallel, bf16=False, device_name=""):
+    """The compute dtype's name: 'auto' is bfloat16 on a GPU that has it, else float16 on CUDA, float32 elsewhere."""
+    dt = requested
+    if dt == "auto":
+        dt = ("bfloat16" if bf16 else "float16") if device_type == "cuda" else "float32"
+    if dt not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={dt!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+    if dt == "float16" and parallel == "fsdp":
+        raise ValueError("dtype='float16' with FSDP is not supported (its loss scaler is not wired in); use bfloat16")
+    if dt == "float16" and device_type == "cpu":
+        raise ValueError("dtype='float16' needs a GPU (fp16 on CPU is slow and unsupported by the loss scaler); "
+                         "use --dtype=float32 (or bfloat16)")
+    if dt == "bfloat16" and device_type == "cuda" and not bf16:
+        raise ValueError(f"dtype='bfloat16' is not supported by {device_name}; use float16")
+    return dt
+
+
+# -----------------------------------------------------------------------------------------------
 # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; outside it these are no-ops
 
 def dist_on():

@@ -18,6 +18,9 @@ A prepared corpus is a folder data/NAME/ holding three files:
                       sep_id        the document separator id
                       train_tokens, val_tokens   number of ids in train.bin / val.bin
                       train_docs, val_docs       number of documents in each
+                      train_max_id, val_max_id   the largest token id in each (checked against
+                                  the model's vocabulary without reading the files; computed
+                                  once and added by data.max_ids for a corpus made before them)
                       source        short description of the inputs
 
 meta.json is written last: a folder without it is not a finished corpus.
@@ -51,6 +54,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from common import atomic_write
 from model import mix_seed
 from prepare import get_tokenizer_from_meta
 
@@ -69,6 +73,22 @@ def load_meta(data_dir):
         raise ValueError(f"{path} is not valid meta.json ({e}); re-run prepare.py") from e
     if missing:
         raise ValueError(f"{path} lacks {missing}; re-run prepare.py")
+    return meta
+
+
+def max_ids(data_dir):
+    """meta.json with train_max_id and val_max_id. prepare.py records them; for an older corpus they are
+    computed here in one chunked pass and cached in meta.json (call it from one rank, before the others read)."""
+    meta = load_meta(data_dir)
+    if "train_max_id" in meta and "val_max_id" in meta:
+        return meta
+    for split in ("train", "val"):
+        a = load_split(data_dir, split, meta)
+        meta[f"{split}_max_id"] = max(int(a[i:i + (1 << 26)].max()) for i in range(0, len(a), 1 << 26))
+    try:
+        atomic_write(Path(data_dir) / "meta.json", json.dumps(meta, indent=2) + "\n")
+    except OSError:  # a read-only corpus: computed again next time
+        pass
     return meta
 
 

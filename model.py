@@ -397,7 +397,7 @@ def metric_sums(head, logits, loss, batch):
 
 def metrics_from_sums(head, sums):
     """{name: mean} from metric_sums vectors added up; "loss" is the total (for mlm_nsp L_MLM + L_NSP)."""
-    sums = sums.tolist()
+    sums = sums.tolist() if torch.is_tensor(sums) else sums  # train.py reads them to the host itself
     out = {name: sums[2 * i] / max(sums[2 * i + 1], 1) for i, name in enumerate(METRICS[head])}
     out["loss"] = sum(v for k, v in out.items() if k.endswith("loss"))
     return out

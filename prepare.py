@@ -185,7 +185,7 @@ def prepare(name="pystdlib", inputs=None, tokenizer="bytes", out_dir="data", wor
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "meta.json").unlink(missing_ok=True)  # the old corpus is no longer complete
     tmp = {s: folder / f"{s}.bin.tmp{os.getpid()}" for s in ("train", "val")}
-    ntok, ndocs = {"train": 0, "val": 0}, {"train": 0, "val": 0}
+    ntok, ndocs, maxid = {"train": 0, "val": 0}, {"train": 0, "val": 0}, {"train": 0, "val": 0}
     done_bytes, last_print, pool = 0, time.time(), None
     try:
         with open(tmp["train"], "wb", buffering=1 << 20) as ftrain, \
@@ -205,6 +205,7 @@ def prepare(name="pystdlib", inputs=None, tokenizer="bytes", out_dir="data", wor
                 (fval if split == "val" else ftrain).write(ids.tobytes())
                 ntok[split] += len(ids)
                 ndocs[split] += 1
+                maxid[split] = max(maxid[split], int(ids.max()))
                 done_bytes += nbytes
                 if not quiet and time.time() - last_print > 5:
                     last_print = time.time()
@@ -223,7 +224,8 @@ def prepare(name="pystdlib", inputs=None, tokenizer="bytes", out_dir="data", wor
 
     meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name,
                 sep_id=tok.sep_id, train_tokens=ntok["train"], val_tokens=ntok["val"],
-                train_docs=ndocs["train"], val_docs=ndocs["val"], source=source)
+                train_docs=ndocs["train"], val_docs=ndocs["val"], train_max_id=maxid["train"], val_max_id=maxid["val"],
+                source=source)
     atomic_write(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: it marks the corpus complete
     if not quiet:
         print(f"wrote {folder}: train {ndocs['train']} docs {ntok['train']:,} tokens, "
@@ -290,7 +292,7 @@ def prepare_classify(name=CLASSIFY_DEMO, inputs=None, tokenizer="bytes", out_dir
         ids = np.array([i for t, _ in part for i in tok.encode(t) + [tok.sep_id]], dtype=meta["dtype"])
         ids.tofile(folder / f"{split}.bin")
         np.save(folder / f"{split}_labels.npy", np.array([labels.index(lab) for _, lab in part], np.int64))
-        meta.update({f"{split}_tokens": len(ids), f"{split}_docs": len(part)})
+        meta.update({f"{split}_tokens": len(ids), f"{split}_docs": len(part), f"{split}_max_id": int(ids.max(initial=0))})
     atomic_write(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: it marks the corpus complete
     if not quiet:
         print(f"wrote {folder}: {meta['train_docs']} train / {meta['val_docs']} val examples, {len(labels)} labels")

@@ -27,9 +27,12 @@ def load_model(path, device="cpu"):
     """A Transformer with the weights of a checkpoint (.pt, or a sharded .dcp folder), in eval mode,
     and the checkpoint itself (its meta names the tokenizer)."""
     ckpt = checkpoint.load_checkpoint(path)
-    net = M.Transformer(M.ModelConfig(**ckpt["model_args"]))
+    with torch.device("meta"):  # no random init of weights about to be overwritten
+        net = M.Transformer(M.ModelConfig(**ckpt["model_args"]))
+    net.to_empty(device=device)
+    net.init_buffers()  # the tied head and RoPE tables, which to_empty() does not keep
     checkpoint.restore(ckpt, net)
-    return net.to(device).eval(), ckpt
+    return net.eval(), ckpt
 
 
 def encoder_input(net, tok, meta, text):

@@ -25,7 +25,7 @@ import model as M
 import prepare
 from checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
 from common import (all_reduce_sum, barrier, catch_signals, destroy_distributed, init_distributed, parse_config,
-                    provenance)
+                    provenance, resolve_device, resolve_dtype)
 
 # -----------------------------------------------------------------------------------------------
 # defaults
@@ -83,6 +83,7 @@ threads = 0                 # CPU threads per process; 0: all cores, split betwe
 seed = 1337
 parallel = "auto"           # 'auto' (ddp under torchrun, else single) | 'single' | 'ddp' | 'fsdp'
 activation_checkpointing = "none"  # 'none' | 'full': recompute each block in the backward pass
+fsdp_grad_sync = "micro"    # FSDP with accumulation: 'micro' reduce-scatters every micro-step (gradients stay sharded); 'step' once per step, holding unsharded fp32 gradients of all parameters between micro-steps
 dist_timeout_minutes = 10   # a collective that waits longer than this (a dead rank) fails instead of hanging
 # -----------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))}
@@ -122,52 +123,36 @@ class Runtime:
 
 def setup(cfg):
     """Resolve device, dtype, parallel mode and compile from the config and torchrun's environment, set the
-    CPU thread count and join the process group under torchrun. Returns a Runtime."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    dev = cfg["device"]
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if dev == "cuda" and world > 1:
-        dev = f"cuda:{local_rank}"
-    device = torch.device(dev)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device='cuda' but no CUDA device is available; use --device=cpu")
-        torch.cuda.set_device(device)
+    CPU thread count (and TF32 on CUDA), and join the process group under torchrun. Returns a Runtime."""
+    env = os.environ
+    world, rank, local_rank = int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(resolve_device(cfg["device"], cuda, cuda and torch.cuda.device_count(), torch.backends.mps.is_available(),
+                                         int(env.get("LOCAL_WORLD_SIZE", 1)), local_rank))
     parallel = cfg["parallel"]
     if parallel == "auto":
-        parallel = "ddp" if "RANK" in os.environ else "single"
+        parallel = "ddp" if "RANK" in env else "single"
     if parallel not in ("single", "ddp", "fsdp"):
         raise ValueError(f"parallel={parallel!r} is not one of 'auto', 'single', 'ddp', 'fsdp'")
-    if parallel != "single" and "RANK" not in os.environ:
+    if parallel != "single" and "RANK" not in env:
         raise ValueError(f"parallel={parallel!r} needs torchrun: torchrun --nproc_per_node=N train.py ...")
-    dtype = resolve_dtype(cfg["dtype"], device, parallel)
-    compile = device.type == "cuda" if cfg["compile"] is None else cfg["compile"]
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, resolve_dtype(cfg["dtype"], device.type, parallel, gpu and torch.cuda.is_bf16_supported(),
+                                         gpu and torch.cuda.get_device_name(device)))
+    compile = gpu if cfg["compile"] is None else cfg["compile"]
     if compile and not (torch._dynamo.is_dynamo_supported() and device.type in ("cpu", "cuda")):
         raise ValueError(f"compile=True is not supported here (Python {sys.version.split()[0]}, device "
                          f"{device.type}); use --compile=False")
-    if cfg["activation_checkpointing"] not in ("none", "full"):
-        raise ValueError(f"activation_checkpointing={cfg['activation_checkpointing']!r} is not 'none' or 'full'")
-    if device.type == "cpu":
-        torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    init_distributed("nccl" if device.type == "cuda" else "gloo", cfg["dist_timeout_minutes"])
+    for key, allowed in (("activation_checkpointing", ("none", "full")), ("fsdp_grad_sync", ("micro", "step"))):
+        if cfg[key] not in allowed:
+            raise ValueError(f"{key}={cfg[key]!r} is not one of {allowed}")
+    if gpu:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 runs: TF32 matmuls (the MFU peak assumes them)
+    else:
+        torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 1) // int(env.get("LOCAL_WORLD_SIZE", 1))))
+    init_distributed("nccl" if gpu else "gloo", cfg["dist_timeout_minutes"])
     return Runtime(device, dtype, rank, world, parallel, compile)
-
-
-def resolve_dtype(dt, device, parallel):
-    if dt == "auto":
-        dt = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
-    if dt not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype={dt!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
-    if dt == "float16" and parallel == "fsdp":
-        raise ValueError("dtype='float16' with FSDP is not supported (its loss scaler is not wired in); use bfloat16")
-    if dt == "float16" and device.type == "cpu":
-        raise ValueError("dtype='float16' needs a GPU (fp16 on CPU is slow and unsupported by the loss scaler); "
-                         "use --dtype=float32 (or bfloat16)")
-    if dt == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"dtype='bfloat16' is not supported by {torch.cuda.get_device_name(device)}; use float16")
-    return getattr(torch, dt)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -188,11 +173,13 @@ class Run:
 def resolve_run(cfg, rt):
     """Prepare the built-in corpus if needed, then read the corpus, the checkpoint and the model config."""
     data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
-    if not os.path.exists(os.path.join(data_dir, "meta.json")) and cfg["dataset"] in ("pystdlib", prepare.CLASSIFY_DEMO) and rt.master:
-        print(f"preparing the built-in corpus into {data_dir} (once)")
-        prepare.prepare(name=cfg["dataset"], tokenizer=cfg["tokenizer"], out_dir=cfg["data_root"])
+    if rt.master:
+        if not os.path.exists(os.path.join(data_dir, "meta.json")) and cfg["dataset"] in ("pystdlib", prepare.CLASSIFY_DEMO):
+            print(f"preparing the built-in corpus into {data_dir} (once)")
+            prepare.prepare(name=cfg["dataset"], tokenizer=cfg["tokenizer"], out_dir=cfg["data_root"])
+        data.max_ids(data_dir)  # computed once for a corpus older than these meta.json keys
     barrier()
-    meta = data.load_meta(data_dir)
+    meta = data.max_ids(data_dir)  # no rank reads a whole split here
     tokens = [data.load_split(data_dir, s, meta) for s in ("train", "val")]
     splits = tokens if cfg["objective"] == "clm" else [data.encoder_corpus(data_dir, s, meta, cfg["objective"])
                                                        for s in ("train", "val")]
@@ -208,13 +195,13 @@ def resolve_run(cfg, rt):
         raise ValueError(f"the checkpoint was trained with tokenizer {ckpt['meta']['tokenizer']!r}, dataset "
                          f"{cfg['dataset']!r} uses {meta['tokenizer']!r}; prepare it with --tokenizer={ckpt['meta']['tokenizer']}")
     T = cfg["seq_len"] or mcfg.block_size  # (the model refuses one longer than its block_size)
-    for name, split in zip(("training", "validation"), tokens):
-        if len(split) <= T + 1:
-            raise ValueError(f"the {name} split has {len(split)} tokens, not more than block_size={T}; "
+    for split, name, tok in zip(("train", "val"), ("training", "validation"), tokens):
+        if len(tok) <= T + 1:
+            raise ValueError(f"the {name} split has {len(tok)} tokens, not more than block_size={T}; "
                              f"use a smaller --block_size or more data")
-        if int(split.max()) >= mcfg.vocab_size:  # one pass over the data, before any compute
-            raise ValueError(f"the {name} split holds token id {int(split.max())} >= the model's vocab_size="
-                             f"{mcfg.vocab_size}: the .bin does not match meta.json; re-run prepare.py")
+        if meta[f"{split}_max_id"] >= mcfg.vocab_size:  # recorded by prepare.py: no pass over the data
+            raise ValueError(f"the {name} split holds token id {meta[f'{split}_max_id']} >= the model's vocab_size="
+                             f"{mcfg.vocab_size}: the corpus does not fit this vocabulary; re-run prepare.py")
     resolved = dict(cfg, device=str(rt.device), dtype=str(rt.dtype).split(".")[-1], parallel=rt.parallel, compile=rt.compile)
     return Run(meta, tuple(splits), ckpt, resuming, mcfg, T, provenance(resolved, rt.device, rt.world))
 
@@ -280,8 +267,9 @@ def parallelize(model, cfg, rt):
             from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(rt.device.type, (rt.world,))
         mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
+        for block in model.blocks:  # blocks get the root's low-precision activations; RoPE's tables stay fp32
+            fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32,
+                                                                          cast_forward_inputs=False))
         fully_shard(model, mesh=mesh, mp_policy=mp)
     if rt.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -401,7 +389,7 @@ def evaluate(model, run, cfg, rt):
             logits, loss = model(**batch)
         total += M.metric_sums(head, logits, loss, batch)
     model.train()
-    return M.metrics_from_sums(head, all_reduce_sum(total))
+    return M.metrics_from_sums(head, to_host(all_reduce_sum(total)))
 
 
 def forward_backward(s, batches, cfg, rt):
@@ -411,7 +399,7 @@ def forward_backward(s, batches, cfg, rt):
     for micro, batch in enumerate(batches):
         last = micro == A - 1
         if rt.parallel == "fsdp":
-            s.model.set_requires_gradient_sync(last)  # reduce-scatter gradients only once per step
+            s.model.set_requires_gradient_sync(last or cfg["fsdp_grad_sync"] == "micro")
         with s.model.no_sync() if rt.parallel == "ddp" and not last else nullcontext(), rt.autocast():
             logits, loss = s.model(**batch)
             if head != "lm":  # the loss parts and accuracies, for the log line
@@ -424,31 +412,40 @@ def forward_backward(s, batches, cfg, rt):
 
 
 def train_step(s, batches, cfg, rt, lr, flags=()):
-    """One optimizer step at learning rate lr: forward/backward, the step's one collective (the loss, and
-    `flags` such as "this rank got a signal"), then the update, skipped when the loss or the gradient is
-    non-finite (fp16: the scaler decides); max_bad_steps such steps in a row stop the run.
+    """One optimizer step at learning rate lr: forward/backward, then the step's one collective and its one
+    device-to-host read (the loss, whether any rank saw a non-finite loss or gradient norm, and the host
+    `flags`, e.g. "this rank got a signal"), then the update, skipped when non-finite (fp16: the scaler
+    decides); max_bad_steps such steps in a row stop the run.
     Returns (mean loss, the flags summed over ranks, metric sums, whether the step was skipped as bad)."""
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     torch.manual_seed(M.mix_seed(cfg["seed"], s.step * 1009 + rt.rank))  # dropout: a function of the step, so resume is exact
     loss_sum, norm, sums = forward_backward(s, batches, cfg, rt)
-    reduced = all_reduce_sum(torch.stack([loss_sum.float()] + [torch.tensor(float(f), device=rt.device) for f in flags]))
-    loss = reduced[0].item() / rt.world
-    finite = math.isfinite(loss) and bool(torch.isfinite(norm))
-    if finite or s.scaler.is_enabled():  # fp16: the scaler skips inf gradients and lowers its scale
+    host = torch.tensor([float(f) for f in flags], dtype=torch.float32)
+    host = host.pin_memory().to(rt.device, non_blocking=True) if rt.device.type == "cuda" else host.to(rt.device)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor (no communication)
+    nonfinite = (~torch.isfinite(loss_sum.float()) | ~torch.isfinite(norm)).float()
+    loss, bad_ranks, *flags = to_host(all_reduce_sum(torch.cat([loss_sum.float().view(1), nonfinite.view(1), host])))
+    loss /= rt.world
+    if not bad_ranks or s.scaler.is_enabled():  # fp16: the scaler skips inf gradients and lowers its scale
         s.scaler.step(s.optimizer)
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
     s.step += 1
-    bad = not math.isfinite(loss) or not (finite or s.scaler.is_enabled())
+    bad = not math.isfinite(loss) or (bool(bad_ranks) and not s.scaler.is_enabled())
     s.bad_run = s.bad_run + 1 if bad else 0
     if bad:
-        log(rt, f"step {s.step}: non-finite loss {loss} or gradient norm {norm.item()}: update skipped ({s.bad_run} in a row)")
+        log(rt, f"step {s.step}: non-finite loss {loss} or gradient norm on {bad_ranks:.0f} rank(s): update skipped ({s.bad_run} in a row)")
     if s.bad_run >= cfg["max_bad_steps"]:
         raise RuntimeError(f"stopping at step {s.step}: {s.bad_run} non-finite steps in a row at lr {lr:.2e}; "
                            f"the last good checkpoint is {s.saved_path}; resume from it with a lower "
                            f"learning_rate (or more warmup_iters, or grad_clip)")
-    return loss, reduced[1:].tolist(), sums, bad
+    return loss, flags, sums, bad
+
+
+def to_host(t):
+    """Every device-to-host read of the training loop goes through here (a host sync on a GPU): one per step."""
+    return t.tolist()
 
 
 def eval_step(s, cfg, rt, run, summary):
@@ -477,7 +474,7 @@ def save(s, cfg, rt, run, best=False):
     if not cfg["save_checkpoints"] or (s.saved_step == s.step and not best):
         return
     bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in s.raw.parameters())
-    if all_reduce_sum(torch.tensor(bad, device=rt.device)).item():
+    if to_host(all_reduce_sum(torch.tensor([bad], device=rt.device)))[0]:
         raise RuntimeError(f"refusing to save a model with non-finite weights at step {s.step}")
     extra = {"scaler": s.scaler.state_dict(), **{k: getattr(s, k) for k in COUNTERS}, "config": cfg,
              "model_args": asdict(run.mcfg), "meta": run.meta, "provenance": run.provenance}
@@ -527,7 +524,8 @@ def log_start(s, cfg, rt, run):
     log_record(rt, cfg, run.provenance)
     peak, peak_src = M.peak_flops(rt.device, rt.dtype)
     meter = Meter(cfg["batch_size"] * cfg["gradient_accumulation_steps"] * rt.world * run.T, M.flops_per_token(run.mcfg, run.T), peak)
-    log(rt, f"device {rt.device} {str(rt.dtype).split('.')[-1]}, parallel={rt.parallel} world={rt.world}, "
+    tf32 = " (TF32 matmuls)" if rt.device.type == "cuda" and rt.dtype == torch.float32 else ""
+    log(rt, f"device {rt.device} {str(rt.dtype).split('.')[-1]}{tf32}, parallel={rt.parallel} world={rt.world}, "
         f"{meter.tokens_per_step:,} tokens/step, MFU vs {peak / 1e12:.2f} TFLOP/s ({peak_src})")
     log(rt, "per-rank memory estimate: " + ", ".join(f"{k} {b / 2**30:.2f} GiB" for k, b in
                                                      state_bytes(s.raw.num_params(), rt.world, rt.parallel).items()) + " + activations")
@@ -540,7 +538,7 @@ def log_step(s, cfg, rt, meter, loss, lr, dt):
     if s.step % cfg["log_interval"] and s.step != cfg["max_iters"]:
         return
     head = s.raw.cfg.head
-    parts = {k: v for k, v in M.metrics_from_sums(head, all_reduce_sum(meter.sums)).items() if k != "loss"} if head != "lm" else {}
+    parts = {k: v for k, v in M.metrics_from_sums(head, to_host(all_reduce_sum(meter.sums))).items() if k != "loss"} if head != "lm" else {}
     meter.sums = 0
     tok_s = meter.tokens_per_step / meter.dt_ema
     mfu, eta = meter.flops_per_token * tok_s / (meter.peak * rt.world), meter.dt_ema * (cfg["max_iters"] - s.step)
