@@ -12,7 +12,9 @@ import platform
 import signal
 import subprocess
 import threading
+import typing
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 
 def atomic_write(path, data):
@@ -156,24 +158,60 @@ def destroy_distributed():
 # -----------------------------------------------------------------------------------------------
 # configuration: defaults, then config files (plain Python assignments), then --key=value overrides
 
-def parse_config(argv, defaults, none_types, where):
+class UserError(ValueError):
+    """A problem with what the user asked for (a value, a file, a corpus): the scripts report it as one line,
+    without a traceback, before any work. Anything else is a bug and keeps its traceback."""
+
+
+def rule(allowed, ok, bad=()):
+    """A constraint on a config value, declared beside its default as Annotated[type, rule]:
+    `allowed` says it in words, ok(value) checks it, `bad` holds values that break it (for the tests)."""
+    return SimpleNamespace(allowed=allowed, ok=ok, bad=list(bad))
+
+
+def at_least(lo):
+    return rule(f">= {lo}", lambda v: v >= lo, [lo - 1])
+
+
+def below(lo, hi):
+    return rule(f"in [{lo}, {hi})", lambda v: lo <= v < hi, [lo - 0.5, hi])
+
+
+def one_of(*choices):
+    return rule(" | ".join(map(repr, choices)), lambda v: v in choices, ["nope"])
+
+
+nonempty = rule("non-empty", lambda v: v.strip() != "", [""])
+
+
+def constraint(annotation):
+    """(type, rule or None) from a key's annotation: a plain type (bool) or Annotated[type, rule]."""
+    args = typing.get_args(annotation)
+    return (args[0], args[1]) if args else (annotation, None)
+
+
+def parse_config(argv, defaults, rules, where):
     """`defaults` updated by config files (in order) and --key=value overrides (ast.literal_eval; a bare
-    word is a string). Each value must have its default's type, or for a None default its none_types
-    entry. An unknown key or a wrong type raises a ValueError naming it. `where` names the defaults."""
+    word is a string), each value checked against its key's annotation in `rules` (see rule()): its type (an
+    int may stand for a float; None only where the default is None), then what is allowed. Raises a UserError naming the
+    key, the value, what is allowed and the fix. `where` names the defaults."""
     cfg = dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
-                raise ValueError(f"config file {arg!r} not found (arguments are config files or --key=value)")
+                raise UserError(f"config file {arg!r} not found (arguments are config files or --key=value)")
             scope = {}
-            with open(arg) as f:  # a config file is trusted Python, like the script itself
-                exec(compile(f.read(), arg, "exec"), {}, scope)
+            try:  # a config file is trusted Python, like the script itself
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), {}, scope)
+            except Exception as e:
+                raise UserError(f"config file {arg!r} failed: {type(e).__name__}: {e}") from None
             items = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
                      and type(v).__name__ != "module"}
         else:
             key, eq, raw = arg[2:].partition("=")
             if not eq:
-                raise ValueError(f"override {arg!r} must look like --key=value")
+                raise UserError(f"override {arg!r} must look like --key=value")
             try:
                 value = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
@@ -183,21 +221,22 @@ def parse_config(argv, defaults, none_types, where):
             if key not in defaults:
                 close = difflib.get_close_matches(key, defaults, n=1, cutoff=0.5)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; see the defaults in {where}"
-                raise ValueError(f"unknown config key {key!r}{hint}")
-            cfg[key] = check_value(key, value, defaults[key], none_types.get(key))
+                raise UserError(f"unknown config key {key!r}{hint}")
+            cfg[key] = check_value(key, value, defaults[key], rules[key])
     return cfg
 
 
-def check_value(key, value, default, none_type=None):
-    """`value` if it fits the type of `key`'s default (an int where a float is expected becomes a float)."""
-    want = type(default) if default is not None else none_type
-    if value is None and default is None or want is None:
+def check_value(key, value, default, annotation):
+    """`value` if it has the type and obeys the rule of `annotation` (an int for a float becomes a float)."""
+    kind, r = constraint(annotation)
+    if value is None and default is None:
         return value
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if type(value) is not want:
-        raise ValueError(f"config key {key!r} expects {want.__name__} (default {default!r}), "
-                         f"got {type(value).__name__} {value!r}")
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind or r and not r.ok(value):
+        allowed = f"{kind.__name__}{' ' + r.allowed if r else ''}{' or None' if default is None else ''}"
+        raise UserError(f"config key {key}={value!r} is not allowed: {key} must be {allowed}; "
+                        f"fix it with --{key}=... (default {default!r})")
     return value
 
 

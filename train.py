@@ -13,89 +13,109 @@ stops the run before any work, naming the closest valid key.
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from typing import Annotated
 
 import torch
 
 import data
 import model as M
 import prepare
+from parallelize import build_model
 from checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
-from common import (all_reduce_sum, barrier, catch_signals, destroy_distributed, init_distributed, parse_config,
-                    provenance, resolve_device, resolve_dtype)
+from common import (UserError, all_reduce_sum, at_least, barrier, below, catch_signals, check_value, destroy_distributed,
+                    init_distributed, nonempty, one_of, parse_config, provenance, resolve_device, resolve_dtype, rule)
 
 # -----------------------------------------------------------------------------------------------
-# defaults
+# defaults: each key's annotation is its type and constraint (common.rule), checked by get_config
 # I/O
-out_dir = "out"
-init_from = "scratch"       # 'scratch' | 'resume' (latest checkpoint in out_dir) | a checkpoint path (fine-tune)
-eval_interval = 250         # evaluate (and checkpoint) every this many steps
-eval_iters = 32             # validation batches per evaluation: a fixed set, comparable across runs
-log_interval = 50
-patience = 0                # early stopping: stop after this many evaluations without improvement (0: off)
-save_checkpoints = True
-checkpoint_interval = 0     # save every this many steps; 0: at every evaluation
-checkpoint_every_minutes = 0.0  # also save when this much time has passed since the last save (0: off)
-keep_last = 2               # checkpoints kept (ckpt-STEP.pt / .dcp), plus best.pt; older ones deleted after a save
-max_bad_steps = 10          # stop after this many non-finite (NaN/inf) steps in a row; each one is skipped
+out_dir: Annotated[str, nonempty] = "out"
+init_from: Annotated[str, nonempty] = "scratch"       # 'scratch' | 'resume' (latest checkpoint in out_dir) | a checkpoint path (fine-tune)
+eval_interval: Annotated[int, at_least(1)] = 250      # evaluate (and checkpoint) every this many steps
+eval_iters: Annotated[int, at_least(1)] = 32          # validation batches per evaluation: a fixed set, comparable across runs
+log_interval: Annotated[int, at_least(1)] = 50
+patience: Annotated[int, at_least(0)] = 0             # early stopping: stop after this many evaluations without improvement (0: off)
+save_checkpoints: bool = True
+checkpoint_interval: Annotated[int, at_least(0)] = 0  # save every this many steps; 0: at every evaluation
+checkpoint_every_minutes: Annotated[float, at_least(0.0)] = 0.0  # also save when this much time has passed since the last save (0: off)
+keep_last: Annotated[int, at_least(1)] = 2            # checkpoints kept (ckpt-STEP.pt / .dcp), plus best.pt; older ones deleted after a save
+max_bad_steps: Annotated[int, at_least(1)] = 10       # stop after this many non-finite (NaN/inf) steps in a row; each one is skipped
 # data
-data_root = "data"
-dataset = "pystdlib"        # data_root/dataset/{train.bin,val.bin,meta.json}, see prepare.py
-tokenizer = "bytes"         # used only when the built-in dataset has to be prepared
-objective = "clm"           # 'clm' next token | 'mlm_nsp' BERT's masked LM + next sentence | 'classify' labelled text
-seq_len = 0                 # tokens per sequence; 0: the model's block_size (BERT: 128, then 512, one position table)
-batch_size = 8              # sequences per micro-step per rank (small batches, many steps: best for a CPU budget)
-gradient_accumulation_steps = 1  # micro-steps per optimizer step; global batch = batch_size * this * world
+data_root: Annotated[str, nonempty] = "data"
+dataset: Annotated[str, nonempty] = "pystdlib"        # data_root/dataset/{train.bin,val.bin,meta.json}, see data.py
+tokenizer: Annotated[str, nonempty] = "bytes"         # used only when the built-in dataset has to be prepared
+objective: Annotated[str, one_of("clm", "mlm_nsp", "classify")] = "clm"  # next token | BERT's masked LM + next sentence | labelled text
+seq_len: Annotated[int, at_least(0)] = 0              # tokens per sequence; 0: the model's block_size (BERT: 128, then 512, one position table)
+batch_size: Annotated[int, at_least(1)] = 8           # sequences per micro-step per rank (small batches, many steps: best for a CPU budget)
+gradient_accumulation_steps: Annotated[int, at_least(1)] = 1  # micro-steps per optimizer step; global batch = batch_size * this * world
 # model: a preset from model.PRESETS; the fields after it override the preset (None: keep the preset's)
-model = "tiny"
-vocab_size = None           # None: the dataset's vocabulary (meta.json)
-block_size = None
-n_layer = None
-n_head = None
-n_kv_head = None
-n_embd = None
-ffn_hidden = None
-norm = None
-mlp = None
-pos = None
-rope_theta = None
-tie_embeddings = None
-bias = None
-dropout = None
+model: Annotated[str, one_of(*M.PRESETS)] = "tiny"
+vocab_size: Annotated[int, at_least(1)] = None        # None: the dataset's vocabulary (meta.json)
+block_size: Annotated[int, at_least(1)] = None
+n_layer: Annotated[int, at_least(1)] = None
+n_head: Annotated[int, at_least(1)] = None
+n_kv_head: Annotated[int, at_least(0)] = None         # 0: n_head
+n_embd: Annotated[int, at_least(1)] = None
+ffn_hidden: Annotated[int, at_least(0)] = None        # 0: the MLP's own rule
+norm: Annotated[str, one_of("layernorm", "rmsnorm")] = None
+mlp: Annotated[str, one_of("gelu", "swiglu")] = None
+pos: Annotated[str, one_of("learned", "rope")] = None
+rope_theta: Annotated[float, at_least(1.0)] = None
+tie_embeddings: bool = None
+bias: bool = None
+dropout: Annotated[float, below(0.0, 1.0)] = None
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
-learning_rate = 3e-3
-max_iters = 3000
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0             # 0: off
-warmup_iters = 100
-lr_decay_iters = None       # None: max_iters
-min_lr = 3e-4
+learning_rate: Annotated[float, at_least(0.0)] = 3e-3
+max_iters: Annotated[int, at_least(1)] = 3000
+weight_decay: Annotated[float, at_least(0.0)] = 0.1
+beta1: Annotated[float, below(0.0, 1.0)] = 0.9
+beta2: Annotated[float, below(0.0, 1.0)] = 0.95
+grad_clip: Annotated[float, at_least(0.0)] = 1.0      # 0: off
+warmup_iters: Annotated[int, at_least(0)] = 100
+lr_decay_iters: Annotated[int, at_least(1)] = None    # None: max_iters
+min_lr: Annotated[float, at_least(0.0)] = 3e-4
 # system
-device = "auto"             # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
-dtype = "auto"              # 'auto' (bfloat16 on cuda if supported, else float16; float32 elsewhere) | 'float32' | 'bfloat16' | 'float16'
-compile = None              # torch.compile; None: on for cuda, off elsewhere (on CPU it costs ~40 s and gains nothing)
-threads = 0                 # CPU threads per process; 0: all cores, split between local ranks
-seed = 1337
-parallel = "auto"           # 'auto' (ddp under torchrun, else single) | 'single' | 'ddp' | 'fsdp'
-activation_checkpointing = "none"  # 'none' | 'full': recompute each block in the backward pass
-fsdp_grad_sync = "micro"    # FSDP with accumulation: 'micro' reduce-scatters every micro-step (gradients stay sharded); 'step' once per step, holding unsharded fp32 gradients of all parameters between micro-steps
-dist_timeout_minutes = 10   # a collective that waits longer than this (a dead rank) fails instead of hanging
+device: Annotated[str, rule("'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), ["gpu"])] = "auto"
+dtype: Annotated[str, one_of("auto", "float32", "bfloat16", "float16")] = "auto"  # auto: bfloat16 on cuda if supported, else float16; float32 elsewhere
+compile: bool = None                                  # torch.compile; None: on for cuda, off elsewhere (on CPU it costs ~40 s and gains nothing)
+threads: Annotated[int, at_least(0)] = 0              # CPU threads per process; 0: all cores, split between local ranks
+seed: Annotated[int, at_least(0)] = 1337
+parallel: Annotated[str, one_of("auto", "single", "ddp", "fsdp")] = "auto"  # auto: ddp under torchrun, else single
+activation_checkpointing: Annotated[str, one_of("none", "full")] = "none"  # full: recompute each block in the backward pass
+fsdp_grad_sync: Annotated[str, one_of("micro", "step")] = "micro"  # FSDP with accumulation: 'micro' reduce-scatters every micro-step (gradients stay sharded); 'step' once per step, holding unsharded fp32 gradients of all parameters between micro-steps
+dist_timeout_minutes: Annotated[int, at_least(1)] = 10  # a collective that waits longer than this (a dead rank) fails instead of hanging
 # -----------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))}
+RULES = dict(__annotations__)  # a test checks that every key has one
 MODEL_KEYS = [f.name for f in fields(M.ModelConfig)]
-# the types of keys whose default is None ("not set"): the model fields, and two more
-NONE_TYPES = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
-              for f in fields(M.ModelConfig)} | {"compile": bool, "lr_decay_iters": int}
 
 
 def get_config(argv):
-    """Defaults, then config files (in order), then --key=value overrides. Returns a plain dict."""
-    return parse_config(argv, DEFAULTS, NONE_TYPES, "the defaults block at the top of train.py")
+    """Defaults, then config files (in order), then --key=value overrides; then every rule. A plain dict."""
+    return check_config(parse_config(argv, DEFAULTS, RULES, "the defaults block at the top of train.py"))
+
+
+def check_config(cfg):
+    """Each key against its rule, then the rules across keys, and the model the config asks for: a UserError
+    names the first problem. Returns cfg."""
+    for key, r in RULES.items():
+        check_value(key, cfg[key], DEFAULTS[key], r)
+    decay = cfg["lr_decay_iters"] or cfg["max_iters"]
+    if cfg["warmup_iters"] > decay:
+        raise UserError(f"warmup_iters={cfg['warmup_iters']} is longer than the decay ({'lr_decay_iters' if cfg['lr_decay_iters'] else 'max_iters'}"
+                        f"={decay}): lower warmup_iters or raise the decay")
+    if cfg["min_lr"] > cfg["learning_rate"]:
+        raise UserError(f"min_lr={cfg['min_lr']} is above learning_rate={cfg['learning_rate']}: lower min_lr")
+    if cfg["init_from"] == "scratch":  # else the checkpoint decides the architecture (resolve_run checks it)
+        mcfg = model_config(cfg)
+        if cfg["seq_len"] > mcfg.block_size:
+            raise UserError(f"seq_len={cfg['seq_len']} is longer than the model's block_size={mcfg.block_size}: lower seq_len "
+                            f"or raise block_size")
+    return cfg
 
 
 # -----------------------------------------------------------------------------------------------
@@ -235,70 +255,7 @@ def model_config(cfg, meta=None, ckpt_args=None):
 
 
 # -----------------------------------------------------------------------------------------------
-# build: the model on the meta device, parallelised from outside, materialised; optimizer; restore
-
-def build_model(cfg, mcfg, rt):
-    """The Transformer, parallelised and initialised. Under FSDP it is sharded while still on the meta
-    device, so a rank only ever allocates its own shards; DDP wraps real weights (it broadcasts them)."""
-    with torch.device("meta"):
-        net = M.Transformer(mcfg)
-    if rt.parallel == "fsdp":
-        net = parallelize(net, cfg, rt)
-    net.to_empty(device=rt.device)
-    init_params(net, cfg["seed"], rt.device)
-    return net if rt.parallel == "fsdp" else parallelize(net, cfg, rt)
-
-
-def parallelize(model, cfg, rt):
-    """Activation checkpointing, compile, FSDP2 and DDP, in that order: the one place that applies them.
-    The model itself knows nothing of them, and its parameter names stay unchanged (no _orig_mod.)."""
-    for block in model.blocks:
-        if cfg["activation_checkpointing"] == "full":
-            checkpointed(block)
-        if rt.compile and rt.parallel == "fsdp":  # per block, so FSDP can overlap communication
-            block.compile()
-    if rt.compile and rt.parallel != "fsdp":
-        model.compile()  # in place
-    if rt.parallel == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        try:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        except ImportError:  # torch 2.6 keeps FSDP2 under _composable
-            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(rt.device.type, (rt.world,))
-        mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
-        for block in model.blocks:  # blocks get the root's low-precision activations; RoPE's tables stay fp32
-            fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32,
-                                                                          cast_forward_inputs=False))
-        fully_shard(model, mesh=mesh, mp_policy=mp)
-    if rt.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
-    return model
-
-
-def checkpointed(block):
-    """Activation checkpointing by wrapping forward in place: parameter names stay unchanged."""
-    from torch.utils.checkpoint import checkpoint
-    inner = block.forward
-    block.forward = lambda *args, **kw: checkpoint(inner, *args, use_reentrant=False, **kw)
-
-
-@torch.no_grad()
-def init_params(model, seed, device):
-    """Every parameter (or its local shard) gets exactly the value a single-process init gives."""
-    for name, p in model.named_parameters():
-        full = model.init_tensor(name, p.shape, seed, device)
-        if hasattr(p, "to_local"):  # an FSDP2 DTensor sharded on dim 0: copy this rank's chunk
-            local = p.to_local()
-            chunks = full.chunk(p.device_mesh.size(), dim=0)
-            rank = p.device_mesh.get_local_rank()
-            if local.numel():
-                local.copy_(chunks[rank])
-        else:
-            p.copy_(full)
-    model.init_buffers()
-
+# build: the model (parallelize.py), the optimizer, and what a checkpoint restores
 
 def make_optimizer(cfg, model, device):
     params = [p for p in model.parameters() if p.requires_grad]

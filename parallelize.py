@@ -1,0 +1,73 @@
+"""
+Building the model for a run: on the meta device, parallelised from outside, then materialised. The one
+place that applies activation checkpointing, torch.compile, FSDP2 and DDP, per block where it matters;
+model.py knows nothing of them. train.py and bench.py both build through build_model().
+
+`rt` is train.Runtime: device, dtype, rank, world, parallel ('single' | 'ddp' | 'fsdp'), compile.
+"""
+import torch
+
+import model as M
+
+
+def build_model(cfg, mcfg, rt):
+    """The Transformer, parallelised and initialised. Under FSDP it is sharded while still on the meta
+    device, so a rank only ever allocates its own shards; DDP wraps real weights (it broadcasts them)."""
+    with torch.device("meta"):
+        net = M.Transformer(mcfg)
+    if rt.parallel == "fsdp":
+        net = parallelize(net, cfg, rt)
+    net.to_empty(device=rt.device)
+    init_params(net, cfg["seed"], rt.device)
+    return net if rt.parallel == "fsdp" else parallelize(net, cfg, rt)
+
+
+def parallelize(model, cfg, rt):
+    """Activation checkpointing, compile, FSDP2 and DDP, in that order: the one place that applies them.
+    The model itself knows nothing of them, and its parameter names stay unchanged (no _orig_mod.)."""
+    for block in model.blocks:
+        if cfg["activation_checkpointing"] == "full":
+            checkpointed(block)
+        if rt.compile and rt.parallel == "fsdp":  # per block, so FSDP can overlap communication
+            block.compile()
+    if rt.compile and rt.parallel != "fsdp":
+        model.compile()  # in place
+    if rt.parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch 2.6 keeps FSDP2 under _composable
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(rt.device.type, (rt.world,))
+        mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+        for block in model.blocks:  # blocks get the root's low-precision activations; RoPE's tables stay fp32
+            fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32,
+                                                                          cast_forward_inputs=False))
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+    if rt.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return model
+
+
+def checkpointed(block):
+    """Activation checkpointing by wrapping forward in place: parameter names stay unchanged."""
+    from torch.utils.checkpoint import checkpoint
+    inner = block.forward
+    block.forward = lambda *args, **kw: checkpoint(inner, *args, use_reentrant=False, **kw)
+
+
+@torch.no_grad()
+def init_params(model, seed, device):
+    """Every parameter (or its local shard) gets exactly the value a single-process init gives."""
+    for name, p in model.named_parameters():
+        full = model.init_tensor(name, p.shape, seed, device)
+        if hasattr(p, "to_local"):  # an FSDP2 DTensor sharded on dim 0: copy this rank's chunk
+            local = p.to_local()
+            chunks = full.chunk(p.device_mesh.size(), dim=0)
+            rank = p.device_mesh.get_local_rank()
+            if local.numel():
+                local.copy_(chunks[rank])
+        else:
+            p.copy_(full)
+    model.init_buffers()
