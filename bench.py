@@ -213,7 +213,7 @@ def report(v, opts, n_variants):
                 gradient_accumulation_steps=cfg["gradient_accumulation_steps"], steps=len(ms), warmup=opts["warmup"],
                 tokens_per_step=tokens, ms_per_step=dict(median=med, min=ms[0], max=ms[-1], p25=q1, p75=q3, all=v["ms"]),
                 tokens_per_s=tok_s, flops_per_token=fpt, achieved_tflops=achieved, peak_tflops=v["peak"] / 1e12,
-                peak_source=v["peak_src"], mfu=achieved / (v["peak"] / 1e12 * rt.world), memory=mem,
+                peak_source=v["peak_src"], mfu=M.mfu(fpt, tok_s, v["peak"], rt.world), memory=mem,
                 estimated_total_bytes=est["total"], provenance=provenance(cfg, rt.device, rt.world))
 
 

@@ -8,6 +8,8 @@ train.py applies DDP/FSDP, compile and activation checkpointing from outside, pe
 Shapes: B batch, T sequence, C n_embd, H heads, Hkv key/value heads, D head dim, V vocab.
 """
 import math
+import re
+import time
 import zlib
 from dataclasses import dataclass, fields
 
@@ -272,8 +274,10 @@ class Transformer(nn.Module):
         chosen for MLM, -1 elsewhere (ignored). attn_mask (B, T) bool, True at real tokens: padding keys are
         never attended. token_type_ids (B, T) segment ids. labels (B,): NSP (0 IsNext, 1 NotNext) or class.
         Returns (logits, loss); loss is None without targets/labels. Logits by head: lm (B, T, V) (B, 1, V with
-        a cache); mlm_nsp (mlm (N, V) at the N chosen positions in row-major order when targets are given,
-        else (B, T, V); nsp (B, 2)); classify (B, n_labels)."""
+        a cache); mlm_nsp (mlm (B, T, V) without targets; with targets (B, K, V) at mlm_positions(targets),
+        K = mlm_slots(T): each row's chosen positions in order, then filler slots whose target is -1; a row
+        may choose at most K positions (data.mask_tokens never chooses more): more would leave the loss;
+        nsp (B, 2)); classify (B, n_labels)."""
         B, T = idx.shape
         if pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={self.cfg.block_size}")
@@ -310,12 +314,14 @@ class Transformer(nn.Module):
             return logits, loss
         nsp = self.nsp_head(pooled)  # (B, 2)
         if targets is not None:  # the decoder only where there is something to predict: ~15% of positions
-            x, targets = x[targets != -1], targets[targets != -1]  # (N, C), (N,); N varies (a host sync on CUDA)
+            pos = mlm_positions(targets)  # (B, K)
+            x = x.gather(1, pos[..., None].expand(-1, -1, x.size(-1)))  # (B, K, C)
+            targets = targets.gather(1, pos)  # (B, K), -1 in the filler slots
         h = self.mlm_norm(F.gelu(self.mlm_dense(x), approximate=self.cfg.gelu_approx))
-        mlm = self.lm_head(h)  # (N, V) or (B, T, V)
+        mlm = self.lm_head(h)  # (B, K, V) or (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(mlm.float(), targets)
+            loss = F.cross_entropy(mlm.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
             if labels is not None:
                 loss = loss + F.cross_entropy(nsp.float(), labels)  # L = L_MLM + L_NSP
         return (mlm, nsp), loss
@@ -352,6 +358,21 @@ class Transformer(nn.Module):
         return idx
 
 
+def mlm_slots(T: int) -> int:
+    """K, the positions per row the MLM decoder runs at: a function of T alone, so no shape depends on the
+    data. At least the most data.mask_tokens chooses (round(0.15 n) of n <= T - 3 real tokens), with one
+    to spare against float rounding."""
+    return min(T, math.ceil(0.15 * T) + 1)
+
+
+def mlm_positions(targets):
+    """(B, K) positions: each row's targets != -1 in order, then filler positions (their target is -1).
+    topk, not boolean indexing: a fixed shape and no host sync, so one compiled graph serves every batch."""
+    T = targets.size(1)
+    rank = torch.arange(T, 0, -1, device=targets.device)  # earlier chosen positions score higher
+    return torch.topk(torch.where(targets != -1, rank, 0), mlm_slots(T), dim=1).indices
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token id per row from logits (B, V): greedy at temperature 0, else top-k then nucleus sampling."""
     if temperature == 0:
@@ -383,16 +404,16 @@ def metric_sums(head, logits, loss, batch):
         n = (batch["targets"] != -1).sum()
         return torch.stack([loss.detach().double() * n, n.double()])
     def ce_acc(lg, y):  # summed cross-entropy, correct predictions and count over the labels != -1
-        keep = y != -1
-        lg, y = lg[keep].float(), y[keep]
-        n = y.numel()
-        return [F.cross_entropy(lg, y, reduction="sum"), n, (lg.argmax(-1) == y).sum(), n]
+        lg, y = lg.float().flatten(0, -2), y.flatten()  # masked sums, not lg[y != -1]: fixed shapes, no sync
+        n = (y != -1).sum()
+        ce = F.cross_entropy(lg, y, ignore_index=-1, reduction="none")  # 0 where y == -1
+        return [ce.sum(), n, (lg.argmax(-1) == y).sum(), n]  # argmax is never -1
     if head == "classify":
         parts = ce_acc(logits, batch["labels"])
-    else:
+    else:  # the MLM logits are at mlm_positions: gather the targets the same way
         t = batch["targets"]
-        parts = ce_acc(logits[0], t[t != -1]) + ce_acc(logits[1], batch["labels"])
-    return torch.stack([torch.as_tensor(v, device=batch["idx"].device).double() for v in parts])
+        parts = ce_acc(logits[0], t.gather(1, mlm_positions(t))) + ce_acc(logits[1], batch["labels"])
+    return torch.stack([v.double() for v in parts])
 
 
 def metrics_from_sums(head, sums):
@@ -420,55 +441,105 @@ def adapt_heads(state, model, seed=0):
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
     """Matmul FLOPs per token (2 per multiply-add), attention scores included: every Linear in the
-    blocks and the LM head, plus Q@K^T and P@V over the full seq_len window (as the dense kernels
+    blocks and the heads, plus Q@K^T and P@V over the full seq_len window (as the dense kernels
     compute them). Training counts forward + backward = 3x forward. Embedding lookups are free."""
     T = seq_len or cfg.block_size
     C, D, L = cfg.n_embd, cfg.n_embd // cfg.n_head, cfg.n_layer
     attn_linear = C * cfg.n_head * D + C * 2 * cfg.n_kv_head * D + C * C
     mlp_linear = C * cfg.ffn_hidden * (3 if cfg.mlp == "swiglu" else 2)
     attn_scores = 2 * cfg.n_head * D * T  # (q . k) and (p . v) per query position
-    # the MLM head (transform + decoder) runs only at the ~15% chosen positions; pooler and NSP are per sequence
-    head = {"lm": C * cfg.vocab_size, "mlm_nsp": 0.15 * (C * C + C * cfg.vocab_size), "classify": 0}[cfg.head]
+    # the MLM head (transform + decoder) runs at mlm_slots(T) positions of each row's T; pooler, NSP and
+    # classifier once per row
+    head = {"lm": C * cfg.vocab_size,
+            "mlm_nsp": (mlm_slots(T) * (C * C + C * cfg.vocab_size) + C * C + C * 2) / T,
+            "classify": (C * C + C * cfg.n_labels) / T}[cfg.head]
     fwd = 2 * (L * (attn_linear + mlp_linear + attn_scores) + head)
     return 3 * fwd if training else fwd
 
 
-# dense peak FLOP/s by device name (bf16/fp16 tensor cores; tf32 for fp32 on Ampere and newer)
+# Dense peak FLOP/s (without sparsity) from the vendors' datasheets and whitepapers, keyed by words of the device
+# name as the driver reports it (torch.cuda.get_device_name). bf16: the bf16 and fp16 tensor-core peak (GeForce:
+# with fp32 accumulation, as PyTorch runs it); fp16 only where there is no bf16. tf32: fp32 matmuls with TF32 on;
+# fp32 only where there is no TF32.
 PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp32": 494.5e12},
-    "H100": {"bf16": 989e12, "fp32": 494.5e12},
-    "A100": {"bf16": 312e12, "fp32": 156e12},
-    "A10G": {"bf16": 70e12, "fp32": 35e12},
-    "L4": {"bf16": 121e12, "fp32": 60e12},
-    "L40S": {"bf16": 362e12, "fp32": 183e12},
-    "4090": {"bf16": 165e12, "fp32": 82.6e12},
-    "V100": {"bf16": 125e12, "fp32": 15.7e12},  # fp16 tensor cores; V100 has no bf16
+    # Blackwell
+    "GB200": dict(bf16=2.5e15, tf32=1.25e15), "B200": dict(bf16=2.25e15, tf32=1.125e15),
+    # Hopper. "NVIDIA H100 80GB HBM3" is the SXM part; H200, GH200 and the H800 have its compute
+    "H100": dict(bf16=989.4e12, tf32=494.7e12), "H100 PCIe": dict(bf16=756e12, tf32=378e12),
+    "H100 NVL": dict(bf16=835.5e12, tf32=417.5e12), "H200": dict(bf16=989.4e12, tf32=494.7e12),
+    "H200 NVL": dict(bf16=835.5e12, tf32=417.5e12), "GH200": dict(bf16=989.4e12, tf32=494.7e12),
+    "H800": dict(bf16=989.4e12, tf32=494.7e12), "H800 PCIe": dict(bf16=756e12, tf32=378e12),
+    "H20": dict(bf16=148e12, tf32=74e12),
+    # Ampere. The A10G (AWS) has no datasheet of its own: the A10's figures
+    "A100": dict(bf16=312e12, tf32=156e12), "A800": dict(bf16=312e12, tf32=156e12),
+    "A40": dict(bf16=149.7e12, tf32=74.8e12), "A30": dict(bf16=165e12, tf32=82e12),
+    "A10": dict(bf16=125e12, tf32=62.5e12), "A10G": dict(bf16=125e12, tf32=62.5e12),
+    "RTX A6000": dict(bf16=154.8e12, tf32=77.4e12), "RTX 3090": dict(bf16=71e12, tf32=35.6e12),
+    # Ada
+    "L4": dict(bf16=121e12, tf32=60e12), "L40": dict(bf16=181e12, tf32=90.5e12),
+    "L40S": dict(bf16=362e12, tf32=183e12), "RTX 6000 Ada": dict(bf16=364.2e12, tf32=182.1e12),
+    "RTX 4090": dict(bf16=165.2e12, tf32=82.6e12),
+    # Volta and Turing: fp16 tensor cores, no bf16, no TF32
+    "V100": dict(fp16=125e12, fp32=15.7e12), "V100 PCIe": dict(fp16=112e12, fp32=14e12),
+    "V100S": dict(fp16=130e12, fp32=16.4e12), "T4": dict(fp16=65e12, fp32=8.1e12),
+    # AMD Instinct: fp32 matrix peaks, as PyTorch on ROCm does not run fp32 matmuls as TF32 by default
+    "MI300X": dict(bf16=1307.4e12, fp32=163.4e12), "MI325X": dict(bf16=1307.4e12, fp32=163.4e12),
+    "MI250X": dict(bf16=383e12, fp32=95.7e12),
 }
 
 
+def peak_by_name(name: str, kind: str) -> tuple[float, str] | None:
+    """(peak FLOP/s, source) of the PEAK_FLOPS entry for a device name, kind "bf16", "fp16" or "fp32" (TF32
+    where the device has it); None if there is none. Keys match whole words, the longest key first, so "H100
+    PCIe" wins over "H100" and "L4" never matches "L40S". fp16 is the bf16 peak where a device has both."""
+    have = f" {re.sub(r'[^a-z0-9]+', ' ', name.lower())} "  # "A100-PCIE-40GB" -> " a100 pcie 40gb "
+    if " mig " in have:  # a MIG slice has a share of the chip: measure it
+        return None
+    key = next((k for k in sorted(PEAK_FLOPS, key=len, reverse=True) if f" {k.lower()} " in have), None)
+    peaks = PEAK_FLOPS.get(key, {})
+    for k in {"bf16": ("bf16",), "fp16": ("fp16", "bf16"), "fp32": ("tf32", "fp32")}[kind]:
+        if k in peaks:
+            return peaks[k], f"{key} {k if kind == 'fp32' else kind} dense spec"
+    return None
+
+
 def peak_flops(device: torch.device | str, dtype: torch.dtype, measure: bool = True) -> tuple[float | None, str]:
-    """Peak FLOP/s for MFU: from PEAK_FLOPS by CUDA device name, else (CPU, unknown GPU) measured with a
-    large matmul in `dtype`. Returns (flops, source) so that the log can say which it is."""
-    kind = "fp32" if dtype == torch.float32 else "bf16"
+    """Peak FLOP/s for MFU: the PEAK_FLOPS spec of a known CUDA device, else (CPU, an unknown GPU) measured
+    with a large matmul in `dtype`. float32 on CUDA gets the TF32 peak: this assumes TF32 matmuls are on
+    (torch.backends.cuda.matmul.allow_tf32), as train.py sets them. Returns (flops, source) for the log."""
+    kind = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     if torch.device(device).type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in PEAK_FLOPS.items():
-            if key in name:
-                return peaks[kind], f"{key} {kind} spec"
+        found = peak_by_name(torch.cuda.get_device_name(device), kind)
+        if found:
+            return found
     if not measure:
         return None, "unknown"
     return measure_matmul_flops(device, dtype), f"measured {kind} matmul"
 
 
-def measure_matmul_flops(device, dtype, n=2048, reps=5):  # best of reps: a busy machine only lowers it
-    import time
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+def measure_matmul_flops(device, dtype, n=None, reps=5):
+    """FLOP/s of the fastest of reps n x n matmuls (a busy machine only slows some). CUDA runs asynchronously:
+    events on its stream time the kernel alone; the CPU runs it in the call, so a wall clock does."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 2048)  # large enough to keep a big GPU busy
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
-    for _ in range(reps + 1):
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        (a @ b).sum().item()
-        best = min(best, time.perf_counter() - t0)
+    for _ in range(reps + 1):  # the first one also pays for cuBLAS's setup and allocation
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(torch.cuda.current_stream(device))
+            a @ b
+            end.record(torch.cuda.current_stream(device))
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1000)  # elapsed_time is in ms
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float, world: int = 1) -> float:
+    """Model FLOPs utilisation: the model's FLOP/s over the peak of `world` devices. At most 1.0: a measured
+    peak (one matmul) can be beaten by the model's own kernels, and that says nothing about the model."""
+    return min(1.0, flops_per_token * tokens_per_s / (peak * world))

@@ -498,7 +498,7 @@ def log_step(s, cfg, rt, meter, loss, lr, dt):
     parts = {k: v for k, v in M.metrics_from_sums(head, to_host(all_reduce_sum(meter.sums))).items() if k != "loss"} if head != "lm" else {}
     meter.sums = 0
     tok_s = meter.tokens_per_step / meter.dt_ema
-    mfu, eta = meter.flops_per_token * tok_s / (meter.peak * rt.world), meter.dt_ema * (cfg["max_iters"] - s.step)
+    mfu, eta = M.mfu(meter.flops_per_token, tok_s, meter.peak, rt.world), meter.dt_ema * (cfg["max_iters"] - s.step)
     log_record(rt, cfg, {"step": s.step, "loss": round(loss, 4), "lr": lr, "tok_s": round(tok_s), "mfu": round(mfu, 4),
                          "ms_step": round(meter.dt_ema * 1000, 1), "eta_s": round(eta), "elapsed_s": round(time.time() - meter.t0, 1),
                          **{k: round(v, 4) for k, v in parts.items()}})
