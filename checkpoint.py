@@ -14,7 +14,7 @@ import shutil
 
 import torch
 
-from common import atomic_write, barrier
+from common import UserError, atomic_write, barrier
 
 
 def save_file(obj, path):
@@ -43,13 +43,13 @@ def load_checkpoint(path):
     (the sharded tensors are loaded straight into the model and optimizer by restore())."""
     path = str(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise UserError(f"checkpoint {path} not found")
     file = os.path.join(path, "extra.pt") if os.path.isdir(path) else path
     try:  # weights_only: a checkpoint is data; a file crafted to run code on load is refused. mmap: tensors are
         # read from the page cache as used, so the ranks of a node share one copy and each touches only its shards
         ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
                          f"it is corrupted, truncated or not an anvil checkpoint") from e
     return dict(ckpt, dcp=path) if os.path.isdir(path) else ckpt
 
@@ -59,13 +59,13 @@ def check_weights(model, state):
     own = model.state_dict()
     for k, v in state.items():
         if k not in own:
-            raise ValueError(f"checkpoint has parameter {k!r} that this model lacks: a different architecture")
+            raise UserError(f"checkpoint has parameter {k!r} that this model lacks: a different architecture")
         if tuple(own[k].shape) != tuple(v.shape):
-            raise ValueError(f"checkpoint parameter {k!r} has shape {tuple(v.shape)}, this model "
+            raise UserError(f"checkpoint parameter {k!r} has shape {tuple(v.shape)}, this model "
                              f"{tuple(own[k].shape)}: a different architecture (check the model settings)")
     missing = [k for k in own if k not in state]
     if missing:
-        raise ValueError(f"checkpoint lacks parameter {missing[0]!r} ({len(missing)} missing): a different architecture")
+        raise UserError(f"checkpoint lacks parameter {missing[0]!r} ({len(missing)} missing): a different architecture")
 
 
 def restore(ckpt, model, optimizer=None):

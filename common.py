@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import threading
 import typing
@@ -83,20 +84,20 @@ def resolve_device(requested, cuda=False, n_cuda=0, mps=False, local_world=1, lo
     kind, _, index = dev.partition(":")
     if kind == "cuda":
         if not cuda or n_cuda < 1:
-            raise ValueError(f"device={requested!r} but no CUDA device is available; use --device=cpu")
+            raise UserError(f"device={requested!r} but no CUDA device is available; use --device=cpu")
         if index and local_world > 1:
-            raise ValueError(f"device={requested!r} names one GPU for all {local_world} local ranks; use "
+            raise UserError(f"device={requested!r} names one GPU for all {local_world} local ranks; use "
                              f"--device=cuda (each rank takes cuda:LOCAL_RANK)")
         if not index.isdigit() and index:
-            raise ValueError(f"device={requested!r} is not a device; use cuda or cuda:N")
+            raise UserError(f"device={requested!r} is not a device; use cuda or cuda:N")
         i = int(index) if index else local_rank
         if i >= n_cuda:
-            raise ValueError(f"device={requested!r} needs GPU {i}, but there are {n_cuda}; use cuda:0..cuda:{n_cuda - 1}")
+            raise UserError(f"device={requested!r} needs GPU {i}, but there are {n_cuda}; use cuda:0..cuda:{n_cuda - 1}")
         return f"cuda:{i}"
     if kind == "mps" and not mps:
-        raise ValueError(f"device={requested!r} but MPS is not available; use --device=cpu")
+        raise UserError(f"device={requested!r} but MPS is not available; use --device=cpu")
     if kind not in ("cpu", "mps") or index:
-        raise ValueError(f"device={requested!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+        raise UserError(f"device={requested!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     return kind
 
 
@@ -106,14 +107,14 @@ def resolve_dtype(requested, device_type, parallel, bf16=False, device_name=""):
     if dt == "auto":
         dt = ("bfloat16" if bf16 else "float16") if device_type == "cuda" else "float32"
     if dt not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype={dt!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+        raise UserError(f"dtype={dt!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
     if dt == "float16" and parallel == "fsdp":
-        raise ValueError("dtype='float16' with FSDP is not supported (its loss scaler is not wired in); use bfloat16")
+        raise UserError("dtype='float16' with FSDP is not supported (its loss scaler is not wired in); use bfloat16")
     if dt == "float16" and device_type == "cpu":
-        raise ValueError("dtype='float16' needs a GPU (fp16 on CPU is slow and unsupported by the loss scaler); "
+        raise UserError("dtype='float16' needs a GPU (fp16 on CPU is slow and unsupported by the loss scaler); "
                          "use --dtype=float32 (or bfloat16)")
     if dt == "bfloat16" and device_type == "cuda" and not bf16:
-        raise ValueError(f"dtype='bfloat16' is not supported by {device_name}; use float16")
+        raise UserError(f"dtype='bfloat16' is not supported by {device_name}; use float16")
     return dt
 
 
@@ -238,6 +239,42 @@ def check_value(key, value, default, annotation):
         raise UserError(f"config key {key}={value!r} is not allowed: {key} must be {allowed}; "
                         f"fix it with --{key}=... (default {default!r})")
     return value
+
+
+@contextmanager
+def dir_lock(folder):
+    """Hold folder/lock (naming this host and pid) for the body, so only one run at a time writes to the
+    folder: another is refused with a UserError; a lock whose process is gone (this host, pid dead) is taken over."""
+    os.makedirs(folder, exist_ok=True)
+    path, me = os.path.join(folder, "lock"), f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, me.encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            host, _, pid = open(path).read().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+                os.remove(path)  # stale: its run was killed
+                continue
+            raise UserError(f"{folder} is in use by the run with pid {pid or '?'} on {host or '?'} (lock file {path}); "
+                            f"stop that run or use another out_dir (delete the lock file only if that run is gone)") from None
+    try:
+        yield
+    finally:
+        if os.path.exists(path) and open(path).read() == me:
+            os.remove(path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 
 @contextmanager

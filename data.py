@@ -54,7 +54,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import atomic_write
+from common import UserError, atomic_write
 from model import mix_seed
 from prepare import get_tokenizer_from_meta
 
@@ -64,15 +64,15 @@ from prepare import get_tokenizer_from_meta
 def load_meta(data_dir):
     path = Path(data_dir) / "meta.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {data_dir} is not a prepared corpus; make one with: "
+        raise UserError(f"{path} not found: {data_dir} is not a prepared corpus; make one with: "
                                 f"python prepare.py --input=YOUR_TEXT_FILES --name={Path(data_dir).name}")
     try:
         meta = json.loads(path.read_text())
         missing = [k for k in ("tokenizer", "vocab_size", "dtype", "sep_id", "train_tokens", "val_tokens") if k not in meta]
     except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"{path} is not valid meta.json ({e}); re-run prepare.py") from e
+        raise UserError(f"{path} is not valid meta.json ({e}); re-run prepare.py") from e
     if missing:
-        raise ValueError(f"{path} lacks {missing}; re-run prepare.py")
+        raise UserError(f"{path} lacks {missing}; re-run prepare.py")
     return meta
 
 
@@ -97,14 +97,14 @@ def load_split(data_dir, split, meta=None):
     meta = meta or load_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; re-run prepare.py --name={Path(data_dir).name} ...")
+        raise UserError(f"{path} is missing; re-run prepare.py --name={Path(data_dir).name} ...")
     size, n = path.stat().st_size, meta[f"{split}_tokens"]
     expect = n * np.dtype(meta["dtype"]).itemsize
     if size != expect:
-        raise ValueError(f"{path} holds {size} bytes but meta.json says {n} {meta['dtype']} tokens "
+        raise UserError(f"{path} holds {size} bytes but meta.json says {n} {meta['dtype']} tokens "
                          f"({expect} bytes): the file is truncated or stale; re-run prepare.py")
     if size == 0:
-        raise ValueError(f"{path} is empty; re-run prepare.py on more text")
+        raise UserError(f"{path} is empty; re-run prepare.py on more text")
     return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 
@@ -183,16 +183,16 @@ def encoder_corpus(data_dir, split, meta, objective):
              sep_id=meta["sep_id"], name=f"{data_dir}/{split}")
     if objective == "classify":
         if "labels" not in meta:
-            raise ValueError(f"{data_dir} has no labels (meta.json 'labels'); objective='classify' needs a labelled "
+            raise UserError(f"{data_dir} has no labels (meta.json 'labels'); objective='classify' needs a labelled "
                              f"corpus: prepare.py --classify --name=NAME --input=FILE.jsonl")
         c["labels"] = np.load(Path(data_dir) / f"{split}_labels.npy")
         if len(c["labels"]) != len(ends):
-            raise ValueError(f"{data_dir}: {len(c['labels'])} {split} labels for {len(ends)} documents; re-run prepare.py")
+            raise UserError(f"{data_dir}: {len(c['labels'])} {split} labels for {len(ends)} documents; re-run prepare.py")
         return c
     table = newline_tokens(meta)
     c["nl"] = _positions(data, lambda a: table[a])
     if ((c["ends"] - c["starts"]) >= 2).sum() < 2:
-        raise ValueError(f"{c['name']}: next sentence prediction needs at least two documents of 2+ tokens")
+        raise UserError(f"{c['name']}: next sentence prediction needs at least two documents of 2+ tokens")
     return c
 
 

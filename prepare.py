@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from common import atomic_write, read_jsonl
+from common import UserError, atomic_write, read_jsonl
 
 VAL_EVERY = 20  # document i goes to validation when i % VAL_EVERY == 0; fixed, never change
 PYSTDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
@@ -50,17 +50,17 @@ def get_tokenizer(name):
     try:
         import tiktoken  # imported only here, so the bytes tokenizer works without it
     except ImportError:
-        raise RuntimeError(f"tokenizer {name!r} needs tiktoken (pip install tiktoken); "
+        raise UserError(f"tokenizer {name!r} needs tiktoken (pip install tiktoken); "
                            "--tokenizer=bytes needs nothing") from None
     if name not in tiktoken.list_encoding_names():
         valid = ", ".join(["bytes"] + tiktoken.list_encoding_names())
-        raise ValueError(f"unknown tokenizer {name!r}; valid names: {valid}")
+        raise UserError(f"unknown tokenizer {name!r}; valid names: {valid}")
     try:
         enc = tiktoken.get_encoding(name)
     except Exception as e:  # no network, a proxy, a corrupt download: all look alike to the user
         cause = f"{type(e).__name__}: {str(e)}".splitlines()[0]
         cause = cause if len(cause) < 100 else cause[:99] + "…"
-        raise RuntimeError(
+        raise UserError(
             f"tiktoken encoding {name!r} could not be loaded: tiktoken could not download its "
             f"files ({cause}). Fix: set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached "
             f"files (or run once with internet access to fill the cache), or use "
@@ -92,7 +92,7 @@ def get_tokenizer_from_meta(meta):
     """The tokenizer a corpus was built with, from its meta.json dict."""
     tok = get_tokenizer(meta["tokenizer"])
     if (tok.vocab_size, tok.sep_id) != (meta["vocab_size"], meta["sep_id"]):
-        raise RuntimeError(f"tokenizer {tok.name!r} now has vocab_size={tok.vocab_size} "
+        raise UserError(f"tokenizer {tok.name!r} now has vocab_size={tok.vocab_size} "
                            f"sep_id={tok.sep_id}, but the corpus recorded "
                            f"{meta['vocab_size']} and {meta['sep_id']}; re-run prepare.py")
     return tok
@@ -115,13 +115,13 @@ def expand_inputs(inputs):
     for inp in inputs:
         matches = [inp] if os.path.exists(inp) else sorted(glob.glob(inp, recursive=True))
         if not matches:
-            raise FileNotFoundError(f"input {inp!r} matches no file or directory")
+            raise UserError(f"input {inp!r} matches no file or directory")
         for m in matches:
             if os.path.isdir(m):
                 found = [p for p in Path(m).rglob("*") if p.is_file() and p.suffix.lower() in TEXT_EXTS
                          and not any(part.startswith(".") for part in p.relative_to(m).parts)]
                 if not found:
-                    raise FileNotFoundError(f"input directory {inp!r} holds no text files "
+                    raise UserError(f"input directory {inp!r} holds no text files "
                                             f"({' '.join(sorted(TEXT_EXTS))})")
                 files.update(str(p.resolve()) for p in found)
             else:
@@ -136,7 +136,7 @@ def iter_documents(files):
             for lineno, rec, nbytes in read_jsonl(f):
                 text = rec.get("text") if isinstance(rec, dict) else None
                 if not isinstance(text, str):
-                    raise ValueError(f"{f}:{lineno}: expected a JSON object with a 'text' string")
+                    raise UserError(f"{f}:{lineno}: expected a JSON object with a 'text' string")
                 yield text, nbytes
         else:
             data = Path(f).read_bytes()
@@ -164,7 +164,7 @@ def prepare(name="pystdlib", inputs=None, tokenizer="bytes", out_dir="data", wor
         return prepare_classify(name, None, tokenizer, out_dir, quiet)
     if inputs:
         if name == "pystdlib":
-            raise ValueError("'pystdlib' is the built-in corpus; give your inputs another --name")
+            raise UserError("'pystdlib' is the built-in corpus; give your inputs another --name")
         files = expand_inputs(inputs)
         source = f"{len(files)} files from " + ", ".join(inputs)
     elif name == "pystdlib":
@@ -172,7 +172,7 @@ def prepare(name="pystdlib", inputs=None, tokenizer="bytes", out_dir="data", wor
         source = f"{len(files)} .py files of the Python {sys.version.split()[0]} stdlib " \
                  f"({sysconfig.get_paths()['stdlib']}), without tests/idlelib"
     else:
-        raise ValueError(f"no corpus {name!r}: the only built-in corpus is 'pystdlib'; "
+        raise UserError(f"no corpus {name!r}: the only built-in corpus is 'pystdlib'; "
                          f"build {name!r} with: python prepare.py --name={name} --input=PATH ...")
     tok = get_tokenizer(tokenizer)  # fail early (e.g. tiktoken offline) before writing anything
     dtype = dtype_for_vocab(tok.vocab_size)
@@ -270,17 +270,17 @@ def prepare_classify(name=CLASSIFY_DEMO, inputs=None, tokenizer="bytes", out_dir
         for f in expand_inputs(inputs):
             for lineno, rec, _ in read_jsonl(f):
                 if not (isinstance(rec, dict) and isinstance(rec.get("text"), str) and "label" in rec):
-                    raise ValueError(f"{f}:{lineno}: expected a JSON object with a 'text' string and a 'label'")
+                    raise UserError(f"{f}:{lineno}: expected a JSON object with a 'text' string and a 'label'")
                 examples.append((rec["text"], str(rec["label"]), "val" if i % VAL_EVERY == 0 else "train"))
                 i += 1
     elif name == CLASSIFY_DEMO:
         examples = stdlib_module_examples()
     else:
-        raise ValueError(f"no labelled corpus {name!r} built in (only {CLASSIFY_DEMO!r}); give --input=FILE.jsonl")
+        raise UserError(f"no labelled corpus {name!r} built in (only {CLASSIFY_DEMO!r}); give --input=FILE.jsonl")
     labels = sorted({lab for _, lab, split in examples if split == "train"})
     unseen = sorted({lab for _, lab, split in examples if split == "val"} - set(labels))
     if unseen or len(labels) < 2:
-        raise ValueError(f"labels {unseen} occur only in validation lines" if unseen else
+        raise UserError(f"labels {unseen} occur only in validation lines" if unseen else
                          f"a classification corpus needs 2+ labels in its training lines, got {labels}")
     tok, folder = get_tokenizer(tokenizer), Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -320,5 +320,5 @@ if __name__ == "__main__":
             prepare_classify(args.name or CLASSIFY_DEMO, args.input, args.tokenizer, args.out_dir, args.quiet)
         else:
             prepare(args.name or "pystdlib", args.input, args.tokenizer, args.out_dir, args.workers, args.quiet)
-    except (RuntimeError, ValueError, OSError) as e:
+    except (UserError, OSError) as e:
         sys.exit(f"prepare.py: error: {e}")

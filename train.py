@@ -28,7 +28,7 @@ import prepare
 from parallelize import build_model
 from checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
 from common import (UserError, all_reduce_sum, at_least, barrier, below, catch_signals, check_value, destroy_distributed,
-                    init_distributed, nonempty, one_of, parse_config, provenance, resolve_device, resolve_dtype, rule)
+                    dir_lock, init_distributed, nonempty, one_of, parse_config, provenance, resolve_device, resolve_dtype, rule)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: each key's annotation is its type and constraint (common.rule), checked by get_config
@@ -152,20 +152,15 @@ def setup(cfg):
     parallel = cfg["parallel"]
     if parallel == "auto":
         parallel = "ddp" if "RANK" in env else "single"
-    if parallel not in ("single", "ddp", "fsdp"):
-        raise ValueError(f"parallel={parallel!r} is not one of 'auto', 'single', 'ddp', 'fsdp'")
     if parallel != "single" and "RANK" not in env:
-        raise ValueError(f"parallel={parallel!r} needs torchrun: torchrun --nproc_per_node=N train.py ...")
+        raise UserError(f"parallel={parallel!r} needs torchrun: torchrun --nproc_per_node=N train.py ...")
     gpu = device.type == "cuda"
     dtype = getattr(torch, resolve_dtype(cfg["dtype"], device.type, parallel, gpu and torch.cuda.is_bf16_supported(),
                                          gpu and torch.cuda.get_device_name(device)))
     compile = gpu if cfg["compile"] is None else cfg["compile"]
     if compile and not (torch._dynamo.is_dynamo_supported() and device.type in ("cpu", "cuda")):
-        raise ValueError(f"compile=True is not supported here (Python {sys.version.split()[0]}, device "
+        raise UserError(f"compile=True is not supported here (Python {sys.version.split()[0]}, device "
                          f"{device.type}); use --compile=False")
-    for key, allowed in (("activation_checkpointing", ("none", "full")), ("fsdp_grad_sync", ("micro", "step"))):
-        if cfg[key] not in allowed:
-            raise ValueError(f"{key}={cfg[key]!r} is not one of {allowed}")
     if gpu:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 runs: TF32 matmuls (the MFU peak assumes them)
@@ -207,20 +202,23 @@ def resolve_run(cfg, rt):
     if cfg["init_from"] != "scratch":
         path = find_checkpoint(cfg["out_dir"] if resuming else cfg["init_from"])
         if path is None and resuming:
-            raise FileNotFoundError(f"init_from='resume' but {cfg['out_dir']} holds no checkpoint (ckpt-STEP.pt "
+            raise UserError(f"init_from='resume' but {cfg['out_dir']} holds no checkpoint (ckpt-STEP.pt "
                                     f"or .dcp); use init_from='scratch' or point out_dir at the run to resume")
         ckpt = load_checkpoint(path or cfg["init_from"])
+    if resuming and ckpt["step"] >= cfg["max_iters"]:
+        raise UserError(f"the checkpoint {path} is at step {ckpt['step']}, max_iters={cfg['max_iters']}: nothing to train; "
+                        f"raise max_iters to continue")
     mcfg = model_config(cfg, meta, ckpt["model_args"] if ckpt else None)
     if ckpt and (ckpt["meta"]["tokenizer"], ckpt["meta"]["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"]):
-        raise ValueError(f"the checkpoint was trained with tokenizer {ckpt['meta']['tokenizer']!r}, dataset "
+        raise UserError(f"the checkpoint was trained with tokenizer {ckpt['meta']['tokenizer']!r}, dataset "
                          f"{cfg['dataset']!r} uses {meta['tokenizer']!r}; prepare it with --tokenizer={ckpt['meta']['tokenizer']}")
     T = cfg["seq_len"] or mcfg.block_size  # (the model refuses one longer than its block_size)
     for split, name, tok in zip(("train", "val"), ("training", "validation"), tokens):
         if len(tok) <= T + 1:
-            raise ValueError(f"the {name} split has {len(tok)} tokens, not more than block_size={T}; "
+            raise UserError(f"the {name} split has {len(tok)} tokens, not more than block_size={T}; "
                              f"use a smaller --block_size or more data")
         if meta[f"{split}_max_id"] >= mcfg.vocab_size:  # recorded by prepare.py: no pass over the data
-            raise ValueError(f"the {name} split holds token id {meta[f'{split}_max_id']} >= the model's vocab_size="
+            raise UserError(f"the {name} split holds token id {meta[f'{split}_max_id']} >= the model's vocab_size="
                              f"{mcfg.vocab_size}: the corpus does not fit this vocabulary; re-run prepare.py")
     resolved = dict(cfg, device=str(rt.device), dtype=str(rt.dtype).split(".")[-1], parallel=rt.parallel, compile=rt.compile)
     return Run(meta, tuple(splits), ckpt, resuming, mcfg, T, provenance(resolved, rt.device, rt.world))
@@ -229,27 +227,28 @@ def resolve_run(cfg, rt):
 def model_config(cfg, meta=None, ckpt_args=None):
     """The ModelConfig of a run: the preset with the config's overrides, or the checkpoint's architecture
     (only dropout and the head may change). meta: the corpus's meta.json; None keeps the preset's vocabulary."""
-    heads = {"clm": "lm", "mlm_nsp": "mlm_nsp", "classify": "classify"}
-    if cfg["objective"] not in heads:
-        raise ValueError(f"objective={cfg['objective']!r} is not one of {list(heads)}")
-    head = heads[cfg["objective"]]
+    head = {"clm": "lm", "mlm_nsp": "mlm_nsp", "classify": "classify"}[cfg["objective"]]
     # the encoder objectives: bidirectional, their head, [CLS] [SEP] [MASK] [PAD] after the base vocabulary
-    task = {} if head == "lm" else dict(head=head, causal=False, **({"n_labels": len(meta["labels"])} if head == "classify" else {}))
+    task = {} if head == "lm" else dict(head=head, causal=False, **({"n_labels": len(meta["labels"]) if meta else 2} if head == "classify" else {}))
     vocab = meta and meta["vocab_size"] + (data.N_SPECIAL if task else 0)
     if ckpt_args is not None:
         for k in MODEL_KEYS:
             if cfg.get(k) is not None and k != "dropout" and cfg[k] != ckpt_args[k]:
-                raise ValueError(f"the checkpoint was trained with {k}={ckpt_args[k]!r} but the config sets {k}="
+                raise UserError(f"the checkpoint was trained with {k}={ckpt_args[k]!r} but the config sets {k}="
                                  f"{cfg[k]!r}: a different architecture; drop the override to use the checkpoint's")
-        mcfg = M.ModelConfig(**dict(ckpt_args, **task, dropout=cfg["dropout"] if cfg["dropout"] is not None else ckpt_args["dropout"]))
-    else:
-        overrides = {**({"type_vocab_size": 2} if task else {}), **task, **{k: cfg[k] for k in MODEL_KEYS if cfg.get(k) is not None}}
-        mcfg = M.config_from_preset(cfg["model"], **{**({"vocab_size": vocab} if vocab else {}), **overrides})
+    try:  # ModelConfig checks itself (divisible heads, known preset...): its ValueError is the user's error here
+        if ckpt_args is not None:
+            mcfg = M.ModelConfig(**dict(ckpt_args, **task, dropout=cfg["dropout"] if cfg["dropout"] is not None else ckpt_args["dropout"]))
+        else:
+            overrides = {**({"type_vocab_size": 2} if task else {}), **task, **{k: cfg[k] for k in MODEL_KEYS if cfg.get(k) is not None}}
+            mcfg = M.config_from_preset(cfg["model"], **{**({"vocab_size": vocab} if vocab else {}), **overrides})
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if mcfg.head != head:
-        raise ValueError(f"the model has head={mcfg.head!r}, objective={cfg['objective']!r} needs {head!r}: "
+        raise UserError(f"the model has head={mcfg.head!r}, objective={cfg['objective']!r} needs {head!r}: "
                          f"set objective to match the checkpoint or the preset")
     if vocab and mcfg.vocab_size < vocab:
-        raise ValueError(f"vocab_size={mcfg.vocab_size} is smaller than the dataset's vocabulary ({vocab}: tokenizer "
+        raise UserError(f"vocab_size={mcfg.vocab_size} is smaller than the dataset's vocabulary ({vocab}: tokenizer "
                          f"{meta['tokenizer']}{' + 4 special tokens' if task else ''}): token ids would overflow the embedding")
     return mcfg
 
@@ -309,7 +308,7 @@ def build(cfg, rt, mcfg, ckpt=None, resuming=False):
     s = State(model, raw, make_optimizer(cfg, raw, rt.device), torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16))
     if ckpt and not resuming and ckpt["model_args"].get("head", "lm") != mcfg.head:  # fine-tune onto another head
         if "model" not in ckpt:
-            raise ValueError("fine-tuning onto another head needs a .pt checkpoint: export the sharded one with "
+            raise UserError("fine-tuning onto another head needs a .pt checkpoint: export the sharded one with "
                              "python sample.py --ckpt=PATH.dcp --export=FILE.pt")
         ckpt["model"] = M.adapt_heads(ckpt["model"], raw, cfg["seed"])
     if ckpt:
@@ -334,19 +333,27 @@ def get_batch(run, cfg, rt, step, micro):
 
 
 @torch.no_grad()
-def evaluate(model, run, cfg, rt):
+def evaluate(model, run, cfg, rt, stop=()):
     """Metrics over eval_iters fixed validation batches per rank: {"loss": the mean loss (mlm_nsp: the
-    total L_MLM + L_NSP), and the head's parts and accuracies, M.METRICS}."""
+    total L_MLM + L_NSP), and the head's parts and accuracies, M.METRICS}; None if a signal came (`stop`)."""
     model.eval()
     head, B, n = run.mcfg.head, cfg["batch_size"], cfg["eval_iters"] * rt.world  # the same rows at every world size
     total = torch.zeros(2 * len(M.METRICS[head]), device=rt.device, dtype=torch.float64)
     for i in range(rt.rank, n, rt.world):
+        if signalled(stop, rt):  # a signal ends the evaluation at once: the checkpoint must not wait for it
+            model.train()
+            return None
         batch = data.to_device(data.eval_batch(run.splits[1], cfg["objective"], run.T, range(i * B, (i + 1) * B), n * B), rt.device)
         with rt.autocast():
             logits, loss = model(**batch)
         total += M.metric_sums(head, logits, loss, batch)
     model.train()
     return M.metrics_from_sums(head, to_host(all_reduce_sum(total)))
+
+
+def signalled(stop, rt):
+    """Whether any rank got SIGTERM/SIGINT (`stop`): across ranks that takes a collective, so only then."""
+    return bool(stop) if rt.world == 1 else to_host(all_reduce_sum(torch.tensor([float(bool(stop))], device=rt.device)))[0] > 0
 
 
 def forward_backward(s, batches, cfg, rt):
@@ -394,7 +401,7 @@ def train_step(s, batches, cfg, rt, lr, flags=()):
     if bad:
         log(rt, f"step {s.step}: non-finite loss {loss} or gradient norm on {bad_ranks:.0f} rank(s): update skipped ({s.bad_run} in a row)")
     if s.bad_run >= cfg["max_bad_steps"]:
-        raise RuntimeError(f"stopping at step {s.step}: {s.bad_run} non-finite steps in a row at lr {lr:.2e}; "
+        raise UserError(f"stopping at step {s.step}: {s.bad_run} non-finite steps in a row at lr {lr:.2e}; "
                            f"the last good checkpoint is {s.saved_path}; resume from it with a lower "
                            f"learning_rate (or more warmup_iters, or grad_clip)")
     return loss, flags, sums, bad
@@ -405,9 +412,12 @@ def to_host(t):
     return t.tolist()
 
 
-def eval_step(s, cfg, rt, run, summary):
-    """Evaluate, note the best, checkpoint when due. Returns True when early stopping ends the run."""
-    metrics = evaluate(s.model, run, cfg, rt)
+def eval_step(s, cfg, rt, run, summary, stop):
+    """Evaluate, note the best, checkpoint when due. Returns True when the run ends: early stopping, or a
+    signal during the evaluation."""
+    metrics = evaluate(s.model, run, cfg, rt, stop)
+    if metrics is None:
+        return preempt(s, cfg, rt, run, summary)
     val_loss, parts = metrics["loss"], {k: v for k, v in metrics.items() if k != "loss"}
     improved = val_loss < s.best_val
     s.best_val, s.bad_evals = (val_loss, 0) if improved else (s.best_val, s.bad_evals + 1)
@@ -423,6 +433,14 @@ def eval_step(s, cfg, rt, run, summary):
         log(rt, f"early stop: no improvement in {s.bad_evals} evaluations (best {s.best_val:.4f})")
         summary["stopped_early"] = True
     return summary["stopped_early"]
+
+
+def preempt(s, cfg, rt, run, summary):
+    """A signal came: checkpoint this step and end the run (resume continues from here)."""
+    save(s, cfg, rt, run)
+    log(rt, f"signal received: checkpoint at step {s.step} written to {s.saved_path}; exiting")
+    summary["preempted"] = True
+    return True
 
 
 def save(s, cfg, rt, run, best=False):
@@ -511,45 +529,54 @@ def log_step(s, cfg, rt, meter, loss, lr, dt):
 # -----------------------------------------------------------------------------------------------
 
 def train(cfg):
-    """Run training with a resolved config dict, which is left unchanged. Returns a summary: the training
+    """Run training with a config dict (checked, and left unchanged). Returns a summary: the training
     losses, the evaluations, the final step, best validation loss and model."""
-    rt = setup(cfg)
+    rt = setup(check_config(cfg))
     run = resolve_run(cfg, rt)
-    s = build(cfg, rt, run.mcfg, run.ckpt, run.resuming)
-    meter = log_start(s, cfg, rt, run)
-    summary = {"train_losses": [], "evals": [], "stopped_early": False, "bad_steps": 0}
-    stop = []  # the signals received
-    with catch_signals(stop):
-        while True:
-            if (s.step % cfg["eval_interval"] == 0 or s.step == cfg["max_iters"]) and s.step != s.last_eval:
-                if eval_step(s, cfg, rt, run, summary):
+    with dir_lock(cfg["out_dir"]) if rt.master else nullcontext():  # one run at a time writes to out_dir
+        s = build(cfg, rt, run.mcfg, run.ckpt, run.resuming)
+        meter = log_start(s, cfg, rt, run)
+        summary = {"train_losses": [], "evals": [], "stopped_early": False, "bad_steps": 0}
+        stop = []  # the signals received
+        with catch_signals(stop):
+            while True:
+                if (s.step % cfg["eval_interval"] == 0 or s.step == cfg["max_iters"]) and s.step != s.last_eval:
+                    if eval_step(s, cfg, rt, run, summary, stop):
+                        break
+                if s.step >= cfg["max_iters"]:
                     break
-            if s.step >= cfg["max_iters"]:
-                break
-            t_step, lr = time.time(), get_lr(cfg, s.step)
-            batches = (get_batch(run, cfg, rt, s.step, micro) for micro in range(cfg["gradient_accumulation_steps"]))
-            timed = cfg["checkpoint_every_minutes"] and time.time() - s.saved_time > 60 * cfg["checkpoint_every_minutes"]
-            loss, (signalled, due), sums, bad = train_step(s, batches, cfg, rt, lr, (bool(stop), bool(timed)))
-            meter.sums = meter.sums + sums  # summed until the next log line
-            summary["train_losses"].append(loss)
-            summary["bad_steps"] += bad
-            if (cfg["checkpoint_interval"] and s.step % cfg["checkpoint_interval"] == 0) or signalled or due:
-                save(s, cfg, rt, run)
-            if signalled:
-                log(rt, f"signal received: checkpoint at step {s.step} written to {s.saved_path}; exiting")
-                summary["preempted"] = True
-                break
-            log_step(s, cfg, rt, meter, loss, lr, time.time() - t_step)
+                t_step, lr = time.time(), get_lr(cfg, s.step)
+                batches = (get_batch(run, cfg, rt, s.step, micro) for micro in range(cfg["gradient_accumulation_steps"]))
+                timed = cfg["checkpoint_every_minutes"] and time.time() - s.saved_time > 60 * cfg["checkpoint_every_minutes"]
+                loss, (signal_seen, due), sums, bad = train_step(s, batches, cfg, rt, lr, (bool(stop), bool(timed)))
+                meter.sums = meter.sums + sums  # summed until the next log line
+                summary["train_losses"].append(loss)
+                summary["bad_steps"] += bad
+                if signal_seen and preempt(s, cfg, rt, run, summary):
+                    break
+                if (cfg["checkpoint_interval"] and s.step % cfg["checkpoint_interval"] == 0) or due:
+                    save(s, cfg, rt, run)
+                log_step(s, cfg, rt, meter, loss, lr, time.time() - t_step)
     summary.update(step=s.step, best_val=s.best_val, model=s.raw, wall_s=time.time() - meter.t0)
     return summary
 
 
-if __name__ == "__main__":
+def main(argv):
+    """The command line. A user error, or running out of GPU memory, is one line on stderr and exit status 2;
+    anything else is a bug and keeps its traceback."""
     try:
-        config = get_config(sys.argv[1:])
-    except ValueError as e:
-        sys.exit(f"config error: {e}")
-    try:
+        config = get_config(argv)
         train(config)
+    except UserError as e:
+        return print(f"train.py: error: {e}", file=sys.stderr) or 2
+    except torch.cuda.OutOfMemoryError:
+        return print(f"train.py: error: out of GPU memory at batch_size={config['batch_size']}, seq_len={config['seq_len'] or 'block_size'}, "
+                     f"activation_checkpointing={config['activation_checkpointing']!r}: lower batch_size (raise gradient_accumulation_steps to "
+                     f"keep the global batch), shorten seq_len, or set activation_checkpointing='full'", file=sys.stderr) or 2
     finally:
         destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
