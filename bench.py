@@ -92,17 +92,27 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
     amp = e < 4 and parallel != "fsdp"  # autocast; FSDP instead runs the whole model in its param dtype
     R = 4 if amp else e  # the residual stream: under autocast fp32 (fp32 embeddings, promoting adds)
     norm = R if mcfg.norm == "layernorm" else 8  # the input; RMSNorm keeps fp32 copies of x and x*rstd
+    g = mcfg.n_kv_head / mcfg.n_head  # the width of k (and of v) relative to q: below 1 with GQA
     attn = ((2 if amp else 1)  # the normed input: autocast casts it once for q and once for kv
-            + 4                  # q, k, v (or the kv projection they are views of), the output
-            + (1 if mcfg.pos == "rope" and mcfg.n_kv_head == mcfg.n_head else 0)  # RoPE'd k is a copy, v
-            # still holds the whole kv projection (with GQA both are repeat_interleave copies instead)
-            + (1 if mcfg.pos == "rope" else 0))  # RoPE'd q makes SDPA's output (B,H,T,D): proj copies it
+            + 2 + 2 * g          # q, the output, the kv projection that k and v are views of (SDPA
+            # takes GQA's narrow k, v as they are, torch 2.5+: no repeated copies)
+            + (g + 1 if mcfg.pos == "rope" else 0))  # RoPE'd k is a copy (v still holds the whole kv
+            # projection), and RoPE'd q makes SDPA's output (B,H,T,D): proj copies it
     mlp = 1 + (4 if mcfg.mlp == "swiglu" else 2) * f / h  # input; GELU in+out; SwiGLU up, silu(gate), product
     copies = e if amp else 0  # autocast's low-precision weight copies are saved for backward too
     layer = s * b * h * (2 * norm + e * (attn + mlp)) + 4 * a * s * b + copies * n_block
-    # the head: final norm, LM-head input, logits (kept by the caller), the fp32 log-softmax, and at the
-    # start of backward the two dense fp32 (b, s, V) gradients of the loss
-    head = s * b * h * (norm + e) + s * b * V * (e + 4 + 8) + copies * n_rest
+    if mcfg.head == "lm" and M.LOSS_CHUNK_BYTES:
+        # the head at the fused loss's peak, in its forward (model.LinearCrossEntropy): final norm, LM-head input,
+        # the loss's gradients w.r.t. that input (compute dtype) and the weight (fp32), and one chunk of rows at
+        # its widest: its logits' gradient and the product added into the weight's, both in the compute dtype,
+        # or (a narrower compute dtype) its fp32 logits and their cast
+        rows = min(s * b, max(1, M.LOSS_CHUNK_BYTES // (4 * V)))
+        chunk = max(e * V * (rows + h), (4 + e) * rows * V if e < 4 else 0)
+        head = s * b * h * (norm + R + e) + 4 * V * h + chunk
+    else:  # the plain path: final norm, LM-head input, logits (kept by the caller), the fp32 log-softmax,
+        # and at the start of backward the two dense fp32 (b, s, V) gradients of the loss
+        head = s * b * h * (norm + e) + s * b * V * (e + 4 + 8)
+    head += copies * n_rest
     # full checkpointing keeps each block's fp32 input and recomputes one block at a time in backward
     acts = (mcfg.n_layer * R * s * b * h + layer if ckpt else mcfg.n_layer * layer) + head
 

@@ -133,6 +133,13 @@ def apply_rope(x, cos, sin):
     return out.type_as(x)
 
 
+try:  # enable_gqa (torch 2.5+): SDPA lets each K/V head serve its group of query heads, without copies
+    F.scaled_dot_product_attention(*torch.zeros(3, 1, 1, 1, 1), enable_gqa=True)
+    SDPA_GQA = True
+except TypeError:
+    SDPA_GQA = False
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -159,11 +166,16 @@ class Attention(nn.Module):
             # query i sits at absolute position pos+i and may see keys 0..pos+i
             attn_mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             causal = False
-        if self.n_kv_head != self.n_head:  # GQA: each K/V head serves n_head/n_kv_head query heads
+        grouped = self.n_kv_head != self.n_head  # GQA: each K/V head serves n_head/n_kv_head query heads
+        # SDPA broadcasts K/V over their query heads itself (torch 2.5+, no mask), so backward keeps them at
+        # their own width; with a mask (KV-cache decoding, padding) or an older torch, repeat them to (B, H, T, D)
+        native = grouped and SDPA_GQA and attn_mask is None
+        if grouped and not native:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
-                                           dropout_p=self.cfg.dropout if self.training else 0.0)
+                                           dropout_p=self.cfg.dropout if self.training else 0.0,
+                                           **({"enable_gqa": True} if native else {}))
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y)
 
@@ -200,6 +212,59 @@ class Block(nn.Module):
             return self.norm2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.norm1(x), rope, cache, pos, attn_mask))
         return x + self.drop(self.mlp(self.norm2(x)))
+
+
+LOSS_CHUNK_BYTES = 2**28  # fp32 logits per chunk of the fused LM loss (256 MiB); 0: the plain path, for comparison
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The LM head and its mean cross-entropy over targets != -1, fused for training. The plain path keeps
+    (N, V) logits, their fp32 log-softmax and, in backward, two dense fp32 gradients: ~8 GiB for GPT-2 at
+    12 x 1024 in bf16. Here forward walks the N = B*T rows in chunks of LOSS_CHUNK_BYTES of fp32 logits
+    and, per chunk, takes the loss and at once its gradient w.r.t. the logits, hence w.r.t. the head's
+    input and weight; backward only scales those by grad_output. Nothing is recomputed: per chunk the
+    forward matmul and backward's two, so the FLOPs equal the plain path's (flops_per_token holds)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, dtype):
+        # x (N, C), weight (V, C), bias (V,) or None, targets (N,); dtype: the matmuls' (autocast's, else x's)
+        N, V = x.size(0), weight.size(0)
+        rows = max(1, LOSS_CHUNK_BYTES // (4 * V))
+        w = weight.to(dtype)  # cast once, as autocast casts nn.Linear's weight
+        b = bias.to(dtype) if bias is not None else None
+        grad_x = torch.empty(N, x.size(1), dtype=dtype, device=x.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)  # fp32 sum over chunks
+        grad_b = torch.zeros(V, dtype=torch.float32, device=x.device) if bias is not None else None
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for i in range(0, N, rows):
+            xc, t = x[i:i + rows].to(dtype), targets[i:i + rows, None]  # (n, C), (n, 1)
+            keep = t != -1
+            t = t.clamp(min=0)
+            z = F.linear(xc, w, b).float()  # (n, V) logits in fp32, as the plain path's logits.float()
+            target, top = z.gather(1, t), z.amax(-1, keepdim=True)  # (n, 1)
+            z = z.sub_(top).exp_()  # in place from here on: one (n, V) fp32 buffer per chunk
+            total = z.sum(-1, keepdim=True)
+            loss += ((total.log() + top - target) * keep).sum()  # log-sum-exp minus the target's logit
+            # d(the chunk's summed loss)/d(logits) = softmax - one-hot(target), zero on ignored rows. Left
+            # unnormalised (1/count and the loss scale come in backward) so that fp16 keeps its range
+            z = z.div_(total).scatter_add_(1, t, -torch.ones_like(total)).mul_(keep)
+            if grad_b is not None:
+                grad_b += z.sum(0)
+            z = z.to(dtype)  # under autocast this frees the fp32 buffer before the matmuls
+            grad_x[i:i + rows] = z @ w
+            grad_w += z.t() @ xc
+        count = (targets != -1).sum()
+        ctx.save_for_backward(grad_x, grad_w, grad_b, count)
+        ctx.dtypes = x.dtype, weight.dtype, bias.dtype if bias is not None else None
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, grad_b, count = ctx.saved_tensors
+        scale = grad_loss / count  # the mean's 1/count times what comes from above (e.g. GradScaler's scale)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        return (grad_x.to(x_dtype) * scale, (grad_w * scale).to(w_dtype),
+                (grad_b * scale).to(b_dtype) if grad_b is not None else None, None, None)
 
 
 class Transformer(nn.Module):
@@ -274,10 +339,11 @@ class Transformer(nn.Module):
         chosen for MLM, -1 elsewhere (ignored). attn_mask (B, T) bool, True at real tokens: padding keys are
         never attended. token_type_ids (B, T) segment ids. labels (B,): NSP (0 IsNext, 1 NotNext) or class.
         Returns (logits, loss); loss is None without targets/labels. Logits by head: lm (B, T, V) (B, 1, V with
-        a cache); mlm_nsp (mlm (B, T, V) without targets; with targets (B, K, V) at mlm_positions(targets),
-        K = mlm_slots(T): each row's chosen positions in order, then filler slots whose target is -1; a row
-        may choose at most K positions (data.mask_tokens never chooses more): more would leave the loss;
-        nsp (B, 2)); classify (B, n_labels)."""
+        a cache), but None when targets are given while autograd records (training: the fused LinearCrossEntropy
+        never forms them; under no_grad, evaluation, they are returned); mlm_nsp (mlm (B, T, V) without targets;
+        with targets (B, K, V) at mlm_positions(targets), K = mlm_slots(T): each row's chosen positions in order,
+        then filler slots whose target is -1; a row may choose at most K positions (data.mask_tokens never
+        chooses more): more would leave the loss; nsp (B, 2)); classify (B, n_labels)."""
         B, T = idx.shape
         if pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={self.cfg.block_size}")
@@ -302,6 +368,11 @@ class Transformer(nn.Module):
             return self.encoder_heads(x, targets, labels)
         if targets is None:
             return self.lm_head(x[:, -1:]) if cache is not None else self.lm_head(x), None
+        head = self.lm_head
+        if LOSS_CHUNK_BYTES and torch.is_grad_enabled() and head.weight.requires_grad:  # training: fused
+            dev = x.device.type  # the matmuls' dtype: what autocast would give nn.Linear
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            return None, LinearCrossEntropy.apply(x.flatten(0, 1), head.weight, head.bias, targets.flatten(), dtype)
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss

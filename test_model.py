@@ -68,7 +68,8 @@ def tiny_cfg(data_root, out_dir, **kw):
 def test_shapes(style):
     m = small_model(style)
     x = torch.randint(0, 97, (3, 20))
-    logits, loss = m(x, x)
+    with torch.no_grad():  # while autograd records (training) the fused loss returns no logits
+        logits, loss = m(x, x)
     assert logits.shape == (3, 20, 97) and loss.shape == ()
     logits, loss = m(x)
     assert logits.shape == (3, 20, 97) and loss is None
@@ -1383,9 +1384,10 @@ def test_estimate_arithmetic():
     assert (fsdp["params"], fsdp["grads"], fsdp["optimizer"]) == (4 * HAND_N / 4, 4 * HAND_N / 4, 8 * HAND_N / 4)
     assert (ddp["params"], ddp["grads"], ddp["optimizer"], ddp["buffers"]) == (4 * HAND_N, 4 * HAND_N, 8 * HAND_N, 0)
     # fp32, one layer, s*b*h = 64: LayerNorm inputs 2*4, attention input + q,kv,out 4*5, MLP in + GELU in/out
-    # 4*(1 + 2*16/4); logsumexp 4*heads*s*b; head: norm in + LM-head in 8*s*b*h, logits (4 + 4 + 8)*s*b*V
+    # 4*(1 + 2*16/4); logsumexp 4*heads*s*b; head (the fused loss): norm in, LM-head in and its gradient
+    # 12*s*b*h, the fp32 weight gradient 4*V*h, one chunk of all 16 rows: logits' gradient + product 4*V*(16 + h)
     layer = 64 * (8 + 4 * 5 + 4 * 9) + 4 * 16
-    assert ddp["activations"] == fsdp["activations"] == layer + 64 * 8 + 16 * 10 * 16
+    assert ddp["activations"] == fsdp["activations"] == layer + 64 * 12 + 4 * 10 * 4 + 4 * 10 * (16 + 4)
     for k in ("params", "grads", "optimizer"):  # doubling the GPUs halves the sharded terms only
         assert est(8, "fsdp")[k] == fsdp[k] / 2 and est(8, "ddp")[k] == ddp[k]
     assert est(8, "fsdp")["activations"] == fsdp["activations"]
@@ -1403,7 +1405,8 @@ def test_estimate_checkpointing_and_dtype(preset):
     assert est(activation_checkpointing="full")["activations"] < est()["activations"]
     assert est(activation_checkpointing="full")["total"] < est()["total"]
     assert est(dtype="float32")["activations"] > est()["activations"]
-    assert est(batch_size=4)["activations"] == pytest.approx(2 * est()["activations"])
+    acts = [est(batch_size=k)["activations"] for k in (2, 4, 6)]  # linear in the batch, past a fixed part
+    assert acts[2] - acts[1] == pytest.approx(acts[1] - acts[0])   # (the fused loss's weight gradient, chunk)
 
 
 @pytest.mark.parametrize("model_kw,dtype,ac", [
@@ -1433,6 +1436,104 @@ def test_estimate_matches_cpu_allocator_peak(model_kw, dtype, ac):
 
 
 # ------------------------------------------------------------------------------------------------
+# memory: the fused LM loss (no (B, T, V) logits in training), GQA without repeated K/V
+
+def lm_step(m, x, y, dtype=None):
+    """Training forward + backward: (logits, loss, {name: grad})."""
+    m.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        logits, loss = m(x, y)
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("head", ["tied", "untied", "bias"])
+def test_fused_lm_loss_equals_plain(head, monkeypatch):
+    m = small_model("gpt2", tie_embeddings=head != "untied")
+    if head == "bias":  # an LM head with a bias (only BERT's decoder has one today): its gradient too
+        m.lm_head.bias = torch.nn.Parameter(0.1 * torch.randn(97))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(97, (2, 3, 20), generator=g)
+    y[0, :6], y[2, 11] = -1, -1  # ignored targets
+    monkeypatch.setattr(M, "LOSS_CHUNK_BYTES", 0)
+    _, loss0, grads0 = lm_step(m, x, y)
+    monkeypatch.setattr(M, "LOSS_CHUNK_BYTES", 4 * 97 * 7)  # chunks of 7 rows: 60 = 8 * 7 + 4
+    logits, loss, grads = lm_step(m, x, y)
+    assert logits is None and abs(loss.item() - loss0.item()) < 1e-6
+    assert grads.keys() == grads0.keys()
+    for name in grads:  # the tied weight gets the head's and the embedding's gradient
+        torch.testing.assert_close(grads[name], grads0[name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():  # evaluation takes the plain path: logits, and the same loss
+        logits, loss = m(x, y)
+    assert logits.shape == (3, 20, 97) and abs(loss.item() - loss0.item()) < 1e-6
+    # under autocast the matmuls run in bf16 as nn.Linear's would; the loss is fp32 over the same logits
+    monkeypatch.setattr(M, "LOSS_CHUNK_BYTES", 0)
+    _, loss0, grads0 = lm_step(m, x, y, torch.bfloat16)
+    monkeypatch.setattr(M, "LOSS_CHUNK_BYTES", 4 * 97 * 7)
+    _, loss, grads = lm_step(m, x, y, torch.bfloat16)
+    assert loss.dtype == torch.float32 and abs(loss.item() - loss0.item()) < 1e-5
+    for name in grads:  # bf16 rounds the logits' gradient at a different scale: close, not equal
+        assert grads[name].dtype == torch.float32
+        torch.testing.assert_close(grads[name], grads0[name], atol=2e-2 * grads0[name].abs().max().item(), rtol=0)
+
+
+def cpu_peak_bytes(fn):
+    """The CPU allocator's peak during fn(), above what was allocated before it (profiler memory events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"anvil_peak_{os.getpid()}.json"
+    prof.export_chrome_trace(str(path))
+    mem = [e["args"] for e in json.loads(path.read_text())["traceEvents"]
+           if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    path.unlink()
+    return max(m["Total Allocated"] for m in mem) - (mem[0]["Total Allocated"] - mem[0]["Bytes"])
+
+
+def test_fused_lm_loss_lowers_allocator_peak(monkeypatch):
+    # a large vocabulary next to a narrow model: the loss dominates the step's memory
+    m = small_model("gpt2", vocab_size=8192)
+    x, y = torch.randint(8192, (2, 4, 32))
+    step = lambda: m(x, y)[1].backward()
+    step()  # gradients exist from here on: both measured steps accumulate into them
+    monkeypatch.setattr(M, "LOSS_CHUNK_BYTES", 0)
+    plain = cpu_peak_bytes(step)
+    monkeypatch.undo()
+    fused = cpu_peak_bytes(step)
+    monkeypatch.setattr(M, "LOSS_CHUNK_BYTES", 4 * 8192 * 16)  # smaller chunks: lower still
+    chunked = cpu_peak_bytes(step)
+    # plain: the (128, 8192) fp32 logits, their log-softmax and gradients, 4 MiB each; fused: one chunk of
+    # logits (here all 128 rows, then 16) and the head's fp32 weight gradient
+    assert fused < 0.6 * plain and chunked < 0.6 * fused, (plain, fused, chunked)
+
+
+@pytest.mark.skipif(not M.SDPA_GQA, reason="SDPA has no enable_gqa before torch 2.5")
+def test_gqa_without_repeated_kv_equals_repeat_interleave(monkeypatch):
+    att = M.Attention(M.ModelConfig(**SMALL["llama"]))  # 4 query heads, 2 K/V heads, RoPE
+    rope = M.rope_cache(att.cfg)
+    x = torch.randn(2, 10, 32)
+
+    def run():
+        saved, xg = {}, x.clone().requires_grad_()
+
+        def pack(t):  # the bytes backward keeps, each storage once
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = att(xg, rope)
+        att.zero_grad(set_to_none=True)
+        y.square().sum().backward()
+        return y.detach(), [xg.grad] + [p.grad for p in att.parameters()], sum(saved.values())
+
+    y, grads, saved = run()
+    monkeypatch.setattr(M, "SDPA_GQA", False)  # the repeat_interleave path (older torch, masks)
+    y0, grads0, saved0 = run()
+    torch.testing.assert_close(y, y0, atol=1e-6, rtol=1e-5)
+    for g, g0 in zip(grads, grads0):
+        torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-5)
+    assert saved < saved0  # backward keeps K and V at their own width, not repeated to all heads
+
+
+# ------------------------------------------------------------------------------------------------
 # FLOPs
 
 @pytest.mark.parametrize("kw", [dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32),
@@ -1447,7 +1548,7 @@ def test_flops_per_token_matches_flop_counter(kw):
     B, T = 2, cfg.block_size
     x = torch.randint(cfg.vocab_size, (B, T))
     with sdpa_kernel(SDPBackend.MATH):
-        with FlopCounterMode(display=False) as fwd:
+        with FlopCounterMode(display=False) as fwd, torch.no_grad():  # training's fused loss does all 3 in forward
             m(x, x)
         with FlopCounterMode(display=False) as both:
             m(x, x)[1].backward()
