@@ -298,7 +298,7 @@ def test_checkpoint_contents(data_root, tmp_path):
 def test_train_leaves_config_and_signal_handlers_as_found(data_root, tmp_path, monkeypatch):
     import signal
     handlers = lambda: [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
-    before, cfg = handlers(), tiny_cfg(data_root, tmp_path, max_iters=2, eval_interval=2)
+    before, cfg = handlers(), tiny_cfg(data_root, tmp_path, max_iters=2, eval_interval=2, warmup_iters=1)
     given = dict(cfg)
     rt = train.setup(cfg)
     assert (rt.device.type, rt.dtype, rt.parallel, rt.compile, rt.world) == ("cpu", torch.float32, "single", False, 1)
@@ -362,7 +362,7 @@ def test_finetune_from_checkpoint_and_early_stopping(data_root, tmp_path):
 
 
 def test_bad_data_rejected_before_training(data_root, tmp_path):
-    with pytest.raises(FileNotFoundError, match="prepare.py"):
+    with pytest.raises(common.UserError, match="prepare.py"):
         train.train(tiny_cfg(tmp_path, tmp_path / "o", dataset="nothing_here"))
     with pytest.raises(ValueError, match="block_size"):
         train.train(tiny_cfg(data_root, tmp_path / "o", block_size=500_000))
@@ -524,7 +524,7 @@ def test_tiktoken_offline_message(tmp_path, monkeypatch):
 
 def test_missing_input_and_failed_build(tmp_path):
     missing = str(tmp_path / "nope" / "*.txt")
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(common.UserError, match="nope"):
         prepare.prepare("x", [missing], out_dir=tmp_path, quiet=True)
     # the CLI says the same in one line, without a traceback
     r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--name=x", f"--input={missing}",
@@ -1030,7 +1030,7 @@ def test_mlm_nsp_learns_on_pystdlib(data_root, bert_pretrained):
 
 
 def test_mlm_nsp_exact_resume(data_root, tmp_path):
-    common = dict(BERT_CFG, batch_size=4, max_iters=8, eval_interval=4, lr_decay_iters=8, dropout=0.1,
+    common = dict(BERT_CFG, batch_size=4, max_iters=8, eval_interval=4, lr_decay_iters=8, warmup_iters=4, dropout=0.1,
                   gradient_accumulation_steps=2, eval_iters=2)
     full = train.train(tiny_cfg(data_root, tmp_path / "a", **common))
     half = train.train(tiny_cfg(data_root, tmp_path / "b", **{**common, "max_iters": 4}))
@@ -1071,7 +1071,7 @@ def test_finetune_classifier_from_pretrained(data_root, bert_pretrained, tmp_pat
 
 
 def test_objective_errors(data_root, tmp_path):
-    with pytest.raises(ValueError, match="objective='mlm' is not one of"):
+    with pytest.raises(ValueError, match="objective='mlm' is not allowed"):
         train.train(tiny_cfg(data_root, tmp_path, objective="mlm"))
     with pytest.raises(ValueError, match="head='mlm_nsp', objective='clm' needs 'lm'"):
         train.train(tiny_cfg(data_root, tmp_path, model="bert-tiny"))
@@ -1705,7 +1705,7 @@ def test_nonfinite_steps_are_skipped_then_stop(data_root, tmp_path, monkeypatch)
     ck = checkpoint.load_checkpoint(checkpoint.find_checkpoint(tmp_path / "nan"))
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     nan_after(monkeypatch, 4)
-    with pytest.raises(common.UserError, match=r"stopping at step 7: 4 non-finite steps in a row at lr .*last good "
+    with pytest.raises(train.UserError, match=r"stopping at step 7: 4 non-finite steps in a row at lr .*last good "
                                            r"checkpoint is .*ckpt-0000006.pt"):
         train.train(tiny_cfg(data_root, tmp_path / "stop", max_iters=20, checkpoint_interval=3, max_bad_steps=4, **common))
 
@@ -1788,13 +1788,13 @@ def bad_inputs(data_root, tmp):
         ("vocab smaller than data", dict(vocab_size=100), "smaller than the dataset's vocabulary"),
         ("n_embd % n_head", dict(n_embd=66), "n_embd=66 is not divisible by n_head=4"),
         ("n_head % n_kv_head", dict(n_kv_head=3), "n_head=4 is not divisible by n_kv_head=3"),
-        ("unknown preset", dict(model="gpt3"), "unknown model preset 'gpt3'"),
+        ("unknown preset", dict(model="gpt3"), "model='gpt3' is not allowed: model must be str 'tiny' | 'gpt2'"),
         ("fp16 on CPU", dict(dtype="float16"), "float16' needs a GPU"),
-        ("bad dtype", dict(dtype="fp8"), "dtype='fp8' is not one of"),
-        ("bad parallel", dict(parallel="tp"), "parallel='tp' is not one of"),
+        ("bad dtype", dict(dtype="fp8"), "dtype='fp8' is not allowed"),
+        ("bad parallel", dict(parallel="tp"), "parallel='tp' is not allowed"),
         ("fsdp without torchrun", dict(parallel="fsdp"), "needs torchrun"),
         ("cuda without a GPU", dict(device="cuda"), "no CUDA device"),
-        ("bad activation checkpointing", dict(activation_checkpointing="some"), "activation_checkpointing='some' is not one of"),
+        ("bad activation checkpointing", dict(activation_checkpointing="some"), "activation_checkpointing='some' is not allowed"),
         ("resume with nothing to resume", dict(init_from="resume"), "holds no checkpoint"),
         ("missing checkpoint", dict(init_from=str(tmp / "nope.pt")), "not found"),
     ]

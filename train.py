@@ -70,7 +70,7 @@ bias: bool = None
 dropout: Annotated[float, below(0.0, 1.0)] = None
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 learning_rate: Annotated[float, at_least(0.0)] = 3e-3
-max_iters: Annotated[int, at_least(1)] = 3000
+max_iters: Annotated[int, at_least(0)] = 3000         # 0: evaluate the init_from checkpoint only
 weight_decay: Annotated[float, at_least(0.0)] = 0.1
 beta1: Annotated[float, below(0.0, 1.0)] = 0.9
 beta2: Annotated[float, below(0.0, 1.0)] = 0.95
@@ -104,8 +104,10 @@ def check_config(cfg):
     names the first problem. Returns cfg."""
     for key, r in RULES.items():
         check_value(key, cfg[key], DEFAULTS[key], r)
+    if cfg["max_iters"] == 0 and cfg["init_from"] in ("scratch", "resume"):
+        raise UserError("max_iters=0 trains nothing: it only evaluates a checkpoint given as init_from=PATH; set max_iters >= 1")
     decay = cfg["lr_decay_iters"] or cfg["max_iters"]
-    if cfg["warmup_iters"] > decay:
+    if cfg["warmup_iters"] > decay and cfg["max_iters"]:
         raise UserError(f"warmup_iters={cfg['warmup_iters']} is longer than the decay ({'lr_decay_iters' if cfg['lr_decay_iters'] else 'max_iters'}"
                         f"={decay}): lower warmup_iters or raise the decay")
     if cfg["min_lr"] > cfg["learning_rate"]:
