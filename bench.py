@@ -17,7 +17,7 @@ functions (compile, dtype, activation checkpointing behave the same). Bench opti
   --json               print only one JSON object on stdout (the log goes to stderr); --json=PATH
                        writes it to PATH and keeps the log on stdout
   --profile[=PATH]     a torch.profiler chrome trace of 3 steps (default bench_trace.json)
-  --peak_tflops=X      MFU against X TFLOP/s instead of model.peak_flops (spec table or measured)
+  --peak_tflops=X      MFU against X TFLOP/s instead of common.peak_flops (spec table or measured)
   --estimate[=PRESET] --gpus=N   per-GPU memory of params, grads, AdamW state and activations;
                        allocates nothing. --parallel, --dtype, --batch_size, --block_size apply.
 A bench option or train.py key that takes a value may also be given as '--key value'.
@@ -31,15 +31,21 @@ import sys
 import time
 from contextlib import nullcontext, redirect_stdout
 from dataclasses import asdict
+from typing import Annotated
 
 import torch
 
 import model as M
 import train
-from common import destroy_distributed, provenance
+from common import (UserError, at_least, check_value, destroy_distributed, mfu, nonempty, one_of, peak_flops, provenance,
+                    rule)
 
 OPTIONS = dict(steps=10, warmup=3, synthetic=False, compare=None, json=None, profile=None, peak_tflops=None,
                estimate=None, gpus=1)
+KV = rule("key=value[+key=value...],...", lambda v: all("=" in kv for item in v.split(",") for kv in item.split("+")), ["n_layer"])
+RULES = dict(steps=Annotated[int, at_least(1)], warmup=Annotated[int, at_least(0)], synthetic=bool, compare=Annotated[str, KV],
+             json=Annotated[str, nonempty], profile=Annotated[str, nonempty], peak_tflops=Annotated[float, at_least(1e-6)],
+             estimate=Annotated[str, one_of(*M.PRESETS)], gpus=Annotated[int, at_least(1)])
 FLAGS = ("synthetic", "json", "profile", "estimate")  # may stand alone
 STRINGS = ("compare", "json", "profile", "estimate")  # taken verbatim; the others via ast.literal_eval
 PEAKS = {}  # (device, dtype, threads) -> (peak FLOP/s, where it comes from)
@@ -55,8 +61,17 @@ def parse_args(argv):
                 key not in FLAGS or key == "estimate" and argv[0] in M.PRESETS):
             arg = f"{arg}={argv.pop(0)}"  # '--gpus 64' -> '--gpus=64'; a lone --key is never valid otherwise
         if arg.startswith("--") and key in opts:
+            if "=" not in arg:  # a flag standing alone: --synthetic, --json (stdout), --profile, --estimate
+                if key not in FLAGS:
+                    raise UserError(f"bench option --{key} needs a value: --{key}=VALUE")
+                opts[key] = True
+                continue
             raw = arg.partition("=")[2]
-            opts[key] = True if "=" not in arg else raw if key in STRINGS else ast.literal_eval(raw)
+            try:
+                value = raw if key in STRINGS else ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+            opts[key] = check_value(key, value, OPTIONS[key], RULES[key])
         else:
             rest.append(arg)
     if isinstance(opts["estimate"], str):
@@ -74,7 +89,7 @@ def count_params(mcfg):
     return m.num_params(), sum(p.numel() for p in m.blocks[0].parameters())
 
 
-def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activation_checkpointing):
+def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activation_checkpointing, unsharded_grads=False):
     """Bytes per GPU (per process) for train.py's setup: fp32 master weights and gradients, AdamW's two
     fp32 states, activations at the per-GPU batch and sequence length, and other buffers; `total` is
     the estimated peak. activation_checkpointing: 'none'/'full' (or False/True)."""
@@ -121,7 +136,7 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
         buffers = e * (n_rest + 2 * n_block) + (e + 4) * max(n_block, n_rest)
     else:  # DDP: train.py uses gradient_as_bucket_view=True, so gradients live in the buckets, no second copy
         buffers = 0
-    out = dict(n_params=n, **train.state_bytes(n, world, parallel), activations=acts, buffers=buffers)
+    out = dict(n_params=n, **train.state_bytes(n, world, parallel, unsharded_grads), activations=acts, buffers=buffers)
     # gradients are allocated (zero_grad sets them to None) as the backward pass frees activations, so the
     # peak is at its start (all activations) or at the first block (nearly all gradients, one block's)
     out["total"] = out["params"] + out["optimizer"] + buffers + max(acts, out["grads"] + layer)
@@ -133,7 +148,7 @@ def run_estimate(opts, cfg, emit):
     world = opts["gpus"]
     parallel = cfg["parallel"] if cfg["parallel"] != "auto" else "ddp" if world > 1 else "single"
     dtype = "bfloat16" if cfg["dtype"] == "auto" else cfg["dtype"]  # what 'auto' picks on a recent GPU
-    res = {ac: estimate_memory(mcfg, cfg["batch_size"], mcfg.block_size, world, parallel, dtype, ac)
+    res = {ac: estimate_memory(mcfg, cfg["batch_size"], mcfg.block_size, world, parallel, dtype, ac, train.unsharded_grads(cfg, parallel))
            for ac in ("none", "full")}
     gib = lambda x: f"{x / 2**30:10.2f}"
     emit(f"{cfg['model']}: {res['none']['n_params']:,} parameters; {parallel} on {world} GPU(s), {dtype}, "
@@ -174,7 +189,7 @@ def build_variant(cfg, opts):
             batches.append({"idx": x, "targets": y})
     key = (str(rt.device), rt.dtype, torch.get_num_threads())  # measure a CPU peak once, so variants share it
     if key not in PEAKS:
-        PEAKS[key] = (opts["peak_tflops"] * 1e12, "--peak_tflops") if opts["peak_tflops"] else M.peak_flops(rt.device, rt.dtype)
+        PEAKS[key] = (opts["peak_tflops"] * 1e12, "--peak_tflops") if opts["peak_tflops"] else peak_flops(rt.device, rt.dtype)
     peak, peak_src = PEAKS[key]
     return dict(cfg=cfg, rt=rt, mcfg=mcfg, T=T, state=train.build(cfg, rt, mcfg), batches=batches,
                 threads=torch.get_num_threads(), data=cfg["dataset"] if real else "synthetic",
@@ -215,7 +230,8 @@ def report(v, opts, n_variants):
     else:  # ru_maxrss is KiB on Linux, bytes on macOS; it cannot be reset, so it covers the whole process
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         mem = dict(peak_bytes=rss, source="peak RSS of the whole process (getrusage ru_maxrss)")
-    est = estimate_memory(mcfg, cfg["batch_size"], T, rt.world, rt.parallel, rt.dtype, cfg["activation_checkpointing"])
+    est = estimate_memory(mcfg, cfg["batch_size"], T, rt.world, rt.parallel, rt.dtype, cfg["activation_checkpointing"],
+                          train.unsharded_grads(cfg, rt.parallel))
     return dict(model=cfg["model"], n_params=v["state"].raw.num_params(), model_config=asdict(mcfg), data=v["data"],
                 device=str(rt.device), dtype=str(rt.dtype).split(".")[-1], compile=rt.compile,
                 activation_checkpointing=cfg["activation_checkpointing"], parallel=rt.parallel, world=rt.world,
@@ -223,7 +239,7 @@ def report(v, opts, n_variants):
                 gradient_accumulation_steps=cfg["gradient_accumulation_steps"], steps=len(ms), warmup=opts["warmup"],
                 tokens_per_step=tokens, ms_per_step=dict(median=med, min=ms[0], max=ms[-1], p25=q1, p75=q3, all=v["ms"]),
                 tokens_per_s=tok_s, flops_per_token=fpt, achieved_tflops=achieved, peak_tflops=v["peak"] / 1e12,
-                peak_source=v["peak_src"], mfu=M.mfu(fpt, tok_s, v["peak"], rt.world), memory=mem,
+                peak_source=v["peak_src"], mfu=mfu(fpt, tok_s, v["peak"], rt.world), memory=mem,
                 estimated_total_bytes=est["total"], provenance=provenance(cfg, rt.device, rt.world))
 
 
@@ -294,7 +310,7 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ValueError as e:
-        sys.exit(f"bench error: {e}")
+    except UserError as e:
+        sys.exit(f"bench.py: error: {e}")
     finally:
         destroy_distributed()

@@ -9,10 +9,12 @@ import difflib
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
 import threading
+import time
 import typing
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -119,6 +121,99 @@ def resolve_dtype(requested, device_type, parallel, bf16=False, device_name=""):
 
 
 # -----------------------------------------------------------------------------------------------
+# peak FLOP/s and MFU: what the hardware can do (the model's FLOPs: model.flops_per_token)
+
+# Dense peak FLOP/s (without sparsity) from the vendors' datasheets and whitepapers, keyed by words of the device
+# name as the driver reports it (torch.cuda.get_device_name). bf16: the bf16 and fp16 tensor-core peak (GeForce:
+# with fp32 accumulation, as PyTorch runs it); fp16 only where there is no bf16. tf32: fp32 matmuls with TF32 on;
+# fp32 only where there is no TF32.
+PEAK_FLOPS = {
+    # Blackwell
+    "GB200": dict(bf16=2.5e15, tf32=1.25e15), "B200": dict(bf16=2.25e15, tf32=1.125e15),
+    # Hopper. "NVIDIA H100 80GB HBM3" is the SXM part; H200, GH200 and the H800 have its compute
+    "H100": dict(bf16=989.4e12, tf32=494.7e12), "H100 PCIe": dict(bf16=756e12, tf32=378e12),
+    "H100 NVL": dict(bf16=835.5e12, tf32=417.5e12), "H200": dict(bf16=989.4e12, tf32=494.7e12),
+    "H200 NVL": dict(bf16=835.5e12, tf32=417.5e12), "GH200": dict(bf16=989.4e12, tf32=494.7e12),
+    "H800": dict(bf16=989.4e12, tf32=494.7e12), "H800 PCIe": dict(bf16=756e12, tf32=378e12),
+    "H20": dict(bf16=148e12, tf32=74e12),
+    # Ampere. The A10G (AWS) has no datasheet of its own: the A10's figures
+    "A100": dict(bf16=312e12, tf32=156e12), "A800": dict(bf16=312e12, tf32=156e12),
+    "A40": dict(bf16=149.7e12, tf32=74.8e12), "A30": dict(bf16=165e12, tf32=82e12),
+    "A10": dict(bf16=125e12, tf32=62.5e12), "A10G": dict(bf16=125e12, tf32=62.5e12),
+    "RTX A6000": dict(bf16=154.8e12, tf32=77.4e12), "RTX 3090": dict(bf16=71e12, tf32=35.6e12),
+    # Ada
+    "L4": dict(bf16=121e12, tf32=60e12), "L40": dict(bf16=181e12, tf32=90.5e12),
+    "L40S": dict(bf16=362e12, tf32=183e12), "RTX 6000 Ada": dict(bf16=364.2e12, tf32=182.1e12),
+    "RTX 4090": dict(bf16=165.2e12, tf32=82.6e12),
+    # Volta and Turing: fp16 tensor cores, no bf16, no TF32
+    "V100": dict(fp16=125e12, fp32=15.7e12), "V100 PCIe": dict(fp16=112e12, fp32=14e12),
+    "V100S": dict(fp16=130e12, fp32=16.4e12), "T4": dict(fp16=65e12, fp32=8.1e12),
+    # AMD Instinct: fp32 matrix peaks, as PyTorch on ROCm does not run fp32 matmuls as TF32 by default
+    "MI300X": dict(bf16=1307.4e12, fp32=163.4e12), "MI325X": dict(bf16=1307.4e12, fp32=163.4e12),
+    "MI250X": dict(bf16=383e12, fp32=95.7e12),
+}
+
+
+def peak_by_name(name: str, kind: str) -> tuple[float, str] | None:
+    """(peak FLOP/s, source) of the PEAK_FLOPS entry for a device name, kind "bf16", "fp16" or "fp32" (TF32
+    where the device has it); None if there is none. Keys match whole words, the longest key first, so "H100
+    PCIe" wins over "H100" and "L4" never matches "L40S". fp16 is the bf16 peak where a device has both."""
+    have = f" {re.sub(r'[^a-z0-9]+', ' ', name.lower())} "  # "A100-PCIE-40GB" -> " a100 pcie 40gb "
+    if " mig " in have:  # a MIG slice has a share of the chip: measure it
+        return None
+    key = next((k for k in sorted(PEAK_FLOPS, key=len, reverse=True) if f" {k.lower()} " in have), None)
+    peaks = PEAK_FLOPS.get(key, {})
+    for k in {"bf16": ("bf16",), "fp16": ("fp16", "bf16"), "fp32": ("tf32", "fp32")}[kind]:
+        if k in peaks:
+            return peaks[k], f"{key} {k if kind == 'fp32' else kind} dense spec"
+    return None
+
+
+def peak_flops(device, dtype, measure: bool = True) -> tuple[float | None, str]:
+    """Peak FLOP/s for MFU: the PEAK_FLOPS spec of a known CUDA device, else (CPU, an unknown GPU) measured
+    with a large matmul in `dtype`. float32 on CUDA gets the TF32 peak: this assumes TF32 matmuls are on
+    (torch.backends.cuda.matmul.allow_tf32), as train.py sets them. Returns (flops, source) for the log."""
+    import torch
+    kind = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    if torch.device(device).type == "cuda":
+        found = peak_by_name(torch.cuda.get_device_name(device), kind)
+        if found:
+            return found
+    if not measure:
+        return None, "unknown"
+    return measure_matmul_flops(device, dtype), f"measured {kind} matmul"
+
+
+def measure_matmul_flops(device, dtype, n=None, reps=5):
+    """FLOP/s of the fastest of reps n x n matmuls (a busy machine only slows some). CUDA runs asynchronously:
+    events on its stream time the kernel alone; the CPU runs it in the call, so a wall clock does."""
+    import torch
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 2048)  # large enough to keep a big GPU busy
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(reps + 1):  # the first one also pays for cuBLAS's setup and allocation
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(torch.cuda.current_stream(device))
+            a @ b
+            end.record(torch.cuda.current_stream(device))
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1000)  # elapsed_time is in ms
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float, world: int = 1) -> float:
+    """Model FLOPs utilisation: the model's FLOP/s over the peak of `world` devices. At most 1.0: a measured
+    peak (one matmul) can be beaten by the model's own kernels, and that says nothing about the model."""
+    return min(1.0, flops_per_token * tokens_per_s / (peak * world))
+
+
+# -----------------------------------------------------------------------------------------------
 # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; outside it these are no-ops
 
 def dist_on():
@@ -183,6 +278,14 @@ def one_of(*choices):
 
 
 nonempty = rule("non-empty", lambda v: v.strip() != "", [""])
+device_rule = rule("'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), ["gpu"])
+
+
+def usage(doc, defaults, rules):
+    """--help: the script's docstring, then every key with its default and what it allows."""
+    keys = [f"  --{k}={v!r}  ({constraint(rules[k])[0].__name__}{' ' + constraint(rules[k])[1].allowed if constraint(rules[k])[1] else ''})"
+            for k, v in defaults.items()]
+    return doc.strip() + "\n\nkeys (--key=value; a config file may set them too):\n" + "\n".join(keys)
 
 
 def constraint(annotation):
@@ -217,6 +320,8 @@ def parse_config(argv, defaults, rules, where):
                 value = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
                 value = raw  # a bare word is a string: --dataset=shakespeare
+            if key in rules and constraint(rules[key])[0] is str and not isinstance(value, str) and value is not None:
+                value = raw  # text keys take the text as written: --start=123
             items = {key: value}
         for key, value in items.items():
             if key not in defaults:

@@ -300,6 +300,19 @@ def prepare_classify(name=CLASSIFY_DEMO, inputs=None, tokenizer="bytes", out_dir
 
 # -----------------------------------------------------------------------------
 
+def check_args(args):
+    """The command line's values, before any input is read or anything written."""
+    if args.input and args.name is None:
+        raise UserError("--input needs a --name for the output folder")
+    if args.name is not None and (not args.name.strip() or "/" in args.name or args.name in (".", "..")):
+        raise UserError(f"--name={args.name!r} must name one folder under --out_dir (no '/'), e.g. --name=mycorpus")
+    if not args.out_dir.strip():
+        raise UserError("--out_dir must not be empty; the default is data")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers={args.workers} must be >= 1 (or left out: min(cpu count, 8) for large BPE jobs)")
+    get_tokenizer(args.tokenizer)  # an unknown or unloadable tokenizer, named before any input is read
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Tokenize text into data/NAME/{train,val}.bin + meta.json.")
     parser.add_argument("--classify", action="store_true", help="inputs are .jsonl lines {\"text\": ..., \"label\": ...}: "
@@ -312,10 +325,10 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=None,
                         help="tokenizer processes (default: min(cpu count, 8), or 1 for small/bytes jobs)")
     parser.add_argument("--quiet", action="store_true")
+    parser.error = lambda msg: sys.exit(f"prepare.py: error: {msg}")  # one line, not usage + error
     args = parser.parse_args()
-    if args.input and args.name is None:
-        parser.error("--input needs a --name for the output folder")
     try:
+        check_args(args)
         if args.classify:
             prepare_classify(args.name or CLASSIFY_DEMO, args.input, args.tokenizer, args.out_dir, args.quiet)
         else:

@@ -12,8 +12,9 @@ the others; a classify checkpoint prints the most likely labels of the text:
     python sample.py --ckpt=out-bert --start=$'def f(x):\n    [MASK][MASK][MASK][MASK][MASK][MASK] x' --temperature=0
     python sample.py --ckpt=out-classify --start=FILE:snippet.py
 """
-import argparse
+import sys
 import time
+from typing import Annotated
 
 import torch
 
@@ -21,6 +22,21 @@ import checkpoint
 import data
 import model as M
 import prepare
+from common import UserError, at_least, device_rule, nonempty, parse_config, resolve_device, rule, usage
+
+# arguments (--key=value): each annotated with its type and constraint, checked before any file is read
+ckpt: Annotated[str, nonempty] = "out"               # a checkpoint (.pt or sharded .dcp), or a run's out_dir: its newest
+start: str = "\n"                                   # prompt text, or FILE:path to read it from a file
+num_samples: Annotated[int, at_least(1)] = 3
+max_new_tokens: Annotated[int, at_least(1)] = 300
+temperature: Annotated[float, at_least(0.0)] = 0.8   # 0 is greedy
+top_k: Annotated[int, at_least(1)] = None            # keep the k likeliest tokens
+top_p: Annotated[float, rule("in (0, 1]", lambda v: 0 < v <= 1, [0.0, 1.5])] = None  # nucleus: the smallest set with this mass
+seed: Annotated[int, at_least(0)] = 1337
+device: Annotated[str, device_rule] = "auto"
+export: Annotated[str, nonempty] = None              # write the checkpoint's weights as one .pt file (e.g. from a sharded .dcp) and exit
+RULES = dict(__annotations__)
+DEFAULTS = {k: globals()[k] for k in RULES}
 
 
 def load_model(path, device="cpu"):
@@ -58,34 +74,37 @@ def fill_masks(net, tok, meta, text, temperature=0.0, top_k=None, generator=None
     return tok.decode(x[0].tolist())
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="out", help="a checkpoint (.pt or sharded .dcp), or a run's out_dir: its newest")
-    p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
-    p.add_argument("--num_samples", type=int, default=3)
-    p.add_argument("--max_new_tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set with this mass")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--export", default=None, help="write the checkpoint's weights as one .pt file (e.g. from a "
-                   "sharded FSDP ckpt.dcp) to this path and exit")
-    args = p.parse_args(argv)
+def main(argv):
+    """The command line; a user error is one line on stderr and exit status 2."""
+    if {"-h", "--help"} & set(argv):
+        return print(usage(__doc__, DEFAULTS, RULES)) or 0
+    try:
+        sample(parse_config(argv, DEFAULTS, RULES, "sample.py"))
+    except UserError as e:
+        return print(f"sample.py: error: {e}", file=sys.stderr) or 2
+    return 0
 
-    path = checkpoint.find_checkpoint(args.ckpt)
-    if path is None:
-        raise SystemExit(f"no checkpoint in {args.ckpt}; train first (python train.py) or pass --ckpt=PATH")
-    net, ckpt = load_model(path, args.device)
-    if args.export:
-        keep = {k: v for k, v in ckpt.items() if k in ("model_args", "meta", "config", "step", "best_val")}
-        checkpoint.save_file(dict(keep, model=net.state_dict()), args.export)
-        return print(f"wrote {args.export}: {net.num_params():,} parameters, step {ckpt['step']}")
-    tok = prepare.get_tokenizer_from_meta(ckpt["meta"])
-    start = args.start
+
+def sample(args):
+    """Print samples (or filled [MASK]s, or labels) from the checkpoint `args["ckpt"]`; or export it."""
+    cuda = torch.cuda.is_available()
+    device = resolve_device(args["device"], cuda, cuda and torch.cuda.device_count(), torch.backends.mps.is_available())
+    start = args["start"]
     if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                start = f.read()
+        except OSError as e:
+            raise UserError(f"start={args['start']!r}: cannot read the prompt file ({e.strerror})") from None
+    path = checkpoint.find_checkpoint(args["ckpt"])
+    if path is None:
+        raise UserError(f"no checkpoint in {args['ckpt']}; train first (python train.py) or pass --ckpt=PATH")
+    net, ckpt = load_model(path, device)
+    if args["export"]:
+        keep = {k: v for k, v in ckpt.items() if k in ("model_args", "meta", "config", "step", "best_val")}
+        checkpoint.save_file(dict(keep, model=net.state_dict()), args["export"])
+        return print(f"wrote {args['export']}: {net.num_params():,} parameters, step {ckpt['step']}")
+    tok = prepare.get_tokenizer_from_meta(ckpt["meta"])
     if net.cfg.head == "classify":
         probs = net(encoder_input(net, tok, ckpt["meta"], start))[0][0].float().softmax(-1)
         for p, k in zip(*probs.topk(min(5, len(probs)))):
@@ -93,23 +112,23 @@ def main(argv=None):
         return
     if net.cfg.head == "mlm_nsp":
         if "[MASK]" not in start:
-            raise SystemExit("an MLM checkpoint fills in [MASK]s: put [MASK] where tokens should go, e.g. "
+            raise UserError("an MLM checkpoint fills in [MASK]s: put [MASK] where tokens should go, e.g. "
                              "--start='return [MASK][MASK]'")
-        g = torch.Generator(device=args.device).manual_seed(args.seed)
-        for i in range(args.num_samples):
-            print(fill_masks(net, tok, ckpt["meta"], start, args.temperature, args.top_k, g))
+        g = torch.Generator(device=device).manual_seed(args["seed"])
+        for i in range(args["num_samples"]):
+            print(fill_masks(net, tok, ckpt["meta"], start, args["temperature"], args["top_k"], g))
             print(f"---------- sample {i + 1}")
         return
     ids = tok.encode(start) or [tok.sep_id]  # an empty prompt starts a fresh document
-    x = torch.tensor([ids], dtype=torch.long, device=args.device)
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
-    for i in range(args.num_samples):
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    g = torch.Generator(device=device).manual_seed(args["seed"])
+    for i in range(args["num_samples"]):
         t0 = time.time()
-        y = net.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, generator=g)
+        y = net.generate(x, args["max_new_tokens"], temperature=args["temperature"], top_k=args["top_k"],
+                         top_p=args["top_p"], generator=g)
         print(tok.decode(y[0].tolist()))
-        print(f"---------- sample {i + 1}: {args.max_new_tokens / (time.time() - t0):.0f} tokens/s")
+        print(f"---------- sample {i + 1}: {args['max_new_tokens'] / (time.time() - t0):.0f} tokens/s")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -5,6 +5,7 @@ and distributed tests launch torchrun with 2 ranks of one thread each.
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -669,7 +670,7 @@ def test_one_host_read_per_step(data_root, tmp_path, monkeypatch):
     (the loss and the step's flags, together) and one per evaluation. Reads inside PyTorch are not counted,
     nor data.py's, whose tensors never leave the host."""
     reads, calls, real_to_host = [], [], train.to_host
-    monkeypatch.setattr(M, "peak_flops", lambda *a, **k: (1e12, "fixed"))  # no start-up matmul timing
+    monkeypatch.setattr(train, "peak_flops", lambda *a, **k: (1e12, "fixed"))  # no start-up matmul timing
     for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"):
         def spy(self, *a, _real=getattr(torch.Tensor, name), _name=name, **k):
             if sys._getframe(1).f_globals.get("__name__") in ("train", "model", "common"):
@@ -1160,28 +1161,28 @@ def test_peak_by_driver_name():
     keys = set()
     for name, *peaks in PEAK_CASES:
         for kind, peak in zip(("bf16", "fp16", "fp32"), peaks):
-            found = M.peak_by_name(name, kind)
+            found = common.peak_by_name(name, kind)
             assert (found and found[0]) == peak, (name, kind, found)
             if found:
                 key, label = found[1].rsplit(" ", 3)[:2]  # "H100 PCIe tf32 dense spec"
                 keys.add(key)
-                assert label == (kind if kind != "fp32" else "tf32" if "tf32" in M.PEAK_FLOPS[key] else "fp32")
-    assert keys == set(M.PEAK_FLOPS)  # every entry is reached by a real name
+                assert label == (kind if kind != "fp32" else "tf32" if "tf32" in common.PEAK_FLOPS[key] else "fp32")
+    assert keys == set(common.PEAK_FLOPS)  # every entry is reached by a real name
     for name in ("NVIDIA GeForce GTX 1080", "Quadro RTX 6000", "NVIDIA RTX A1000", "NVIDIA H100 80GB HBM3 MIG 1g.10gb",
                  "NVIDIA L20", "Intel(R) Data Center GPU Max 1550"):  # unknown or a MIG slice: measured instead
-        assert M.peak_by_name(name, "bf16") is None, name
+        assert common.peak_by_name(name, "bf16") is None, name
 
 
 def test_peak_flops_dtype_and_mfu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
-    assert M.peak_flops("cuda", torch.float32) == (183e12, "L40S tf32 dense spec")  # TF32 assumed on
-    assert M.peak_flops("cuda:0", torch.bfloat16) == (362e12, "L40S bf16 dense spec")
+    assert common.peak_flops("cuda", torch.float32) == (183e12, "L40S tf32 dense spec")  # TF32 assumed on
+    assert common.peak_flops("cuda:0", torch.bfloat16) == (362e12, "L40S bf16 dense spec")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Future GPU")
-    assert M.peak_flops("cuda", torch.bfloat16, measure=False) == (None, "unknown")
-    assert M.peak_flops("cpu", torch.float32, measure=False) == (None, "unknown")
-    assert M.measure_matmul_flops("cpu", torch.float32, n=64, reps=1) > 0
-    assert M.mfu(1e9, 1e3, 1e13) == pytest.approx(0.1) and M.mfu(1e9, 1e3, 1e13, world=4) == pytest.approx(0.025)
-    assert M.mfu(1e9, 1e5, 1e13) == 1.0  # faster than a measured peak: clamped
+    assert common.peak_flops("cuda", torch.bfloat16, measure=False) == (None, "unknown")
+    assert common.peak_flops("cpu", torch.float32, measure=False) == (None, "unknown")
+    assert common.measure_matmul_flops("cpu", torch.float32, n=64, reps=1) > 0
+    assert common.mfu(1e9, 1e3, 1e13) == pytest.approx(0.1) and common.mfu(1e9, 1e3, 1e13, world=4) == pytest.approx(0.025)
+    assert common.mfu(1e9, 1e5, 1e13) == 1.0  # faster than a measured peak: clamped
 
 
 def test_mlm_slots_cover_mask_tokens():
@@ -1380,6 +1381,7 @@ def test_estimate_arithmetic():
         HAND, **{**dict(batch_size=2, seq_len=8, world=world, parallel=parallel, dtype="float32",
                         activation_checkpointing="none"), **kw})
     fsdp, ddp = est(4, "fsdp"), est(4, "ddp")
+    assert est(4, "fsdp", unsharded_grads=True)["grads"] == fsdp["grads"] + 4 * HAND_N  # fsdp_grad_sync='step'
     assert fsdp["n_params"] == ddp["n_params"] == HAND_N == 276
     assert (fsdp["params"], fsdp["grads"], fsdp["optimizer"]) == (4 * HAND_N / 4, 4 * HAND_N / 4, 8 * HAND_N / 4)
     assert (ddp["params"], ddp["grads"], ddp["optimizer"], ddp["buffers"]) == (4 * HAND_N, 4 * HAND_N, 8 * HAND_N, 0)
@@ -1811,6 +1813,146 @@ def test_bad_inputs_rejected_before_compute(data_root, tmp_path, monkeypatch):
     assert not called and len(cases) == 21
     cached = json.loads((tmp_path / "bad" / "oldmeta" / "meta.json").read_text())  # computed once, then cached
     assert (cached["val_max_id"], cached["train_max_id"]) == (300, 256)
+
+
+WRONG_TYPE = {int: "x", float: "x", str: None, bool: "maybe"}  # a value of another type for each kind (str takes any text)
+
+
+def bad_values(key):
+    """Values that break `key`'s declared constraint: the rule's own examples and one of the wrong type."""
+    kind, r = common.constraint(train.RULES[key])
+    return (r.bad if r else []) + ([WRONG_TYPE[kind]] if WRONG_TYPE[kind] else [])
+
+
+def main_fails(argv, data_root, tmp_path, monkeypatch, capsys):
+    """train.main with valid settings, then argv: (exit status, stderr) after checking that no training step
+    ran and nothing was written to the run's folder."""
+    out = tmp_path / "run"
+    steps = []
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: steps.append(1) / 0)
+    base = [f"--data_root={data_root}", f"--out_dir={out}", "--device=cpu", "--threads=1", "--n_layer=1", "--n_embd=32",
+            "--block_size=32", "--max_iters=2", "--warmup_iters=0", "--eval_iters=1"]
+    status = train.main(base + argv)
+    err = capsys.readouterr().err
+    assert not steps and not out.exists(), argv
+    return status, err
+
+
+def test_every_key_has_a_constraint():
+    assert set(train.RULES) == set(train.DEFAULTS)  # a new key must declare its rule beside its default
+    for key in train.DEFAULTS:
+        kind, r = common.constraint(train.RULES[key])
+        assert kind in (int, float, str, bool) and (r is not None or kind is bool), key
+        assert bad_values(key), key
+
+
+def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkeypatch, capsys):
+    cases = [(key, v) for key in train.DEFAULTS for v in bad_values(key)]
+    for key, value in cases:
+        status, err = main_fails([f"--{key}={value}"], data_root, tmp_path, monkeypatch, capsys)
+        assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and f"{key}=" in err, (key, value, err)
+    cross = [  # rules across keys, and what only setup or the model can tell
+        (["--warmup_iters=50", "--max_iters=20"], "warmup_iters"), (["--warmup_iters=9", "--lr_decay_iters=8"], "warmup_iters"),
+        (["--min_lr=0.1", "--learning_rate=0.01"], "min_lr"), (["--seq_len=64"], "seq_len"),
+        (["--max_iters=0"], "max_iters=0"), (["--init_from=resume"], "init_from='resume'"),
+        (["--model=bert-tiny"], "objective='clm'"), (["--n_embd=30", "--n_head=4"], "n_embd=30"),
+        (["--n_kv_head=3", "--n_head=4"], "n_kv_head=3"), (["--dtype=float16"], "dtype='float16'"),
+        (["--parallel=fsdp"], "parallel='fsdp'"), (["--device=cuda:3"], "device='cuda:3'"),
+        (["--vocab_size=100"], "vocab_size=100"), (["--dataset=nothing"], "nothing"),
+        (["--objective=classify"], "labels"), ([f"--init_from={tmp_path / 'no.pt'}"], "no.pt"),
+        (["--max_iters"], "--max_iters"), (["--batch_sise=4"], "batch_sise"), ([str(tmp_path / "none.py")], "none.py"),
+    ]
+    for argv, named in cross:
+        status, err = main_fails(argv, data_root, tmp_path, monkeypatch, capsys)
+        assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and named in err, (argv, err)
+    assert len(train.DEFAULTS) == 51 and len(cases) == 86 and len(cross) == 19  # keys and cases covered
+
+
+def test_cli_error_is_one_line_and_oom_is_named(data_root, tmp_path, monkeypatch, capsys):
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), "--beta2=1.0"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "beta2=1.0" in r.stderr and "[0.0, 1.0)" in r.stderr
+    assert not list(tmp_path.iterdir())  # nothing prepared, nothing written
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(train, "train_step", oom)
+    status = train.main([f"--data_root={data_root}", f"--out_dir={tmp_path / 'o'}", "--device=cpu", "--threads=1",
+                         "--n_layer=1", "--n_embd=32", "--block_size=32", "--max_iters=2", "--warmup_iters=0", "--eval_iters=1"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "out of GPU memory at batch_size=8, seq_len=block_size" in err
+    assert "activation_checkpointing='none'" in err and "Traceback" not in err
+
+
+def test_out_dir_lock(data_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "lock").write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process holds it
+    with pytest.raises(common.UserError, match=f"in use by the run with pid {os.getppid()}"):
+        train.train(tiny_cfg(data_root, out, max_iters=2, warmup_iters=0))
+    assert sorted(p.name for p in out.iterdir()) == ["lock"]  # the live run's files are untouched
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "lock").write_text(f"{socket.gethostname()} {dead.stdout.strip()}")  # a killed run's lock: taken over
+    s = train.train(tiny_cfg(data_root, out, max_iters=2, warmup_iters=0))
+    assert s["step"] == 2 and not (out / "lock").exists()  # and released at the end
+    with common.dir_lock(out):  # held by this process: a second run is refused while it lasts
+        with pytest.raises(common.UserError, match="in use"):
+            train.train(tiny_cfg(data_root, out, max_iters=2, warmup_iters=0))
+
+
+def test_sigterm_during_evaluation_checkpoints_at_once(data_root, tmp_path, monkeypatch):
+    import signal
+    real, batches = data.eval_batch, []
+
+    def slow_eval_batch(*a, **k):  # the signal arrives during the second evaluation, at its 3rd batch
+        batches.append(1)
+        if len(batches) == 64 + 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(data, "eval_batch", slow_eval_batch)
+    s = train.train(tiny_cfg(data_root, tmp_path, max_iters=20, eval_interval=5, eval_iters=64))
+    assert s["preempted"] and s["step"] == 5 and len(batches) == 64 + 3  # no further batch, no further step
+    ck = checkpoint.load_checkpoint(checkpoint.find_checkpoint(tmp_path))
+    assert ck["step"] == 5 and ck["last_eval"] == 0  # the interrupted evaluation is redone on resume
+    rest = train.train(tiny_cfg(data_root, tmp_path, max_iters=20, eval_interval=5, eval_iters=64, init_from="resume"))
+    assert rest["evals"][0][0] == 5 and rest["step"] == 20
+
+
+def test_other_clis_check_every_argument_first(tmp_path, monkeypatch, capsys):
+    import sample
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a: 1 / 0)  # nothing may be read before the checks
+    cases = [(key, v) for key in sample.RULES for v in (common.constraint(sample.RULES[key])[1].bad
+                                                        if common.constraint(sample.RULES[key])[1] else [])]
+    cases += [(key, WRONG_TYPE[common.constraint(r)[0]]) for key, r in sample.RULES.items() if WRONG_TYPE[common.constraint(r)[0]]]
+    cases += [("start", f"FILE:{tmp_path / 'missing.txt'}"), ("ckpt", str(tmp_path / "none.pt"))]
+    assert {k for k, _ in cases} == set(sample.RULES)  # every argument of sample.py
+    for key, value in cases:
+        assert sample.main([f"--{key}={value}"]) == 2, (key, value)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and key in err and "Traceback" not in err, (key, value, err)
+    n_sample = len(cases)
+    # bench.py: its own options (the rest are train.py's keys, checked as above)
+    cases = [(key, v) for key, r in bench.RULES.items() for v in bad_values_of(r)]
+    assert {k for k, _ in cases} == set(bench.RULES)  # every option of bench.py
+    for key, value in cases + [("steps", None)]:
+        with pytest.raises(common.UserError, match=key):
+            bench.main([f"--{key}" if value is None else f"--{key}={value}", "--synthetic", "--device=cpu"])
+    r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--warmup=-1"], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "warmup=-1" in r.stderr and "Traceback" not in r.stderr
+    # prepare.py: every argument, one line each, nothing written
+    out = tmp_path / "prep"
+    bad = [["--name="], ["--name=a/b"], ["--input=nope*.txt", "--name=x"], ["--input=x.txt"], ["--tokenizer=nope"],
+           ["--out_dir=", "--name=x"], ["--workers=0"], ["--workers=two"], ["--classify=1"], ["--quiet=no"], ["--nam=x"]]
+    for argv in bad:
+        r = subprocess.run([sys.executable, str(REPO / "prepare.py"), f"--out_dir={out}", *argv], capture_output=True,
+                           text=True, cwd=tmp_path)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
+        assert argv[0].split("=")[0].lstrip("-")[:3] in r.stderr and not out.exists(), (argv, r.stderr)
+    assert (n_sample, len(cases) + 1, len(bad)) == (18, 14, 11)  # cases per CLI, for the closing note
+
+
+def bad_values_of(annotation):
+    kind, r = common.constraint(annotation)
+    return (r.bad if r else []) + ([WRONG_TYPE[kind]] if WRONG_TYPE[kind] else [])
 
 
 def test_finetune_architecture_mismatch_named(data_root, tmp_path):

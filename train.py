@@ -13,7 +13,6 @@ stops the run before any work, naming the closest valid key.
 import json
 import math
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -28,7 +27,8 @@ import prepare
 from parallelize import build_model
 from checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
 from common import (UserError, all_reduce_sum, at_least, barrier, below, catch_signals, check_value, destroy_distributed,
-                    dir_lock, init_distributed, nonempty, one_of, parse_config, provenance, resolve_device, resolve_dtype, rule)
+                    device_rule, dir_lock, init_distributed, mfu, nonempty, one_of, parse_config, peak_flops, provenance,
+                    resolve_device, resolve_dtype, usage)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: each key's annotation is its type and constraint (common.rule), checked by get_config
@@ -79,7 +79,7 @@ warmup_iters: Annotated[int, at_least(0)] = 100
 lr_decay_iters: Annotated[int, at_least(1)] = None    # None: max_iters
 min_lr: Annotated[float, at_least(0.0)] = 3e-4
 # system
-device: Annotated[str, rule("'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), ["gpu"])] = "auto"
+device: Annotated[str, device_rule] = "auto"          # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 dtype: Annotated[str, one_of("auto", "float32", "bfloat16", "float16")] = "auto"  # auto: bfloat16 on cuda if supported, else float16; float32 elsewhere
 compile: bool = None                                  # torch.compile; None: on for cuda, off elsewhere (on CPU it costs ~40 s and gains nothing)
 threads: Annotated[int, at_least(0)] = 0              # CPU threads per process; 0: all cores, split between local ranks
@@ -266,11 +266,12 @@ def make_optimizer(cfg, model, device):
                              fused=device.type == "cuda")
 
 
-def state_bytes(n_params, world, parallel):
+def state_bytes(n_params, world, parallel, unsharded_grads=False):
     """Bytes per rank of what every parameter costs: fp32 weights and gradients, AdamW's two fp32 moments;
-    sharded over the ranks under FSDP. Activations come on top (bench.py --estimate)."""
+    sharded over the ranks under FSDP, plus a full fp32 copy of the gradients when FSDP accumulates them
+    unsharded (fsdp_grad_sync='step'). Activations come on top (bench.py --estimate)."""
     n = n_params / (world if parallel == "fsdp" else 1)
-    return dict(params=4 * n, grads=4 * n, optimizer=8 * n)
+    return dict(params=4 * n, grads=4 * n + 4 * n_params * unsharded_grads, optimizer=8 * n)
 
 
 def get_lr(cfg, step):
@@ -281,6 +282,11 @@ def get_lr(cfg, step):
         return cfg["min_lr"]
     ratio = (step - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+def unsharded_grads(cfg, parallel):
+    """Whether FSDP keeps full unsharded gradients between micro-steps (fsdp_grad_sync='step', accumulation)."""
+    return parallel == "fsdp" and cfg["fsdp_grad_sync"] == "step" and cfg["gradient_accumulation_steps"] > 1
 
 
 COUNTERS = ("step", "best_val", "bad_evals", "last_eval")  # what a checkpoint carries besides the state dicts
@@ -499,13 +505,14 @@ def log_start(s, cfg, rt, run):
     log(rt, json.dumps(run.provenance["config"]))  # the resolved config: 'auto' and None replaced by their values
     log(rt, f"model {cfg['model']}: {s.raw.num_params():,} parameters; {asdict(run.mcfg)}")
     log_record(rt, cfg, run.provenance)
-    peak, peak_src = M.peak_flops(rt.device, rt.dtype)
+    peak, peak_src = peak_flops(rt.device, rt.dtype)
     meter = Meter(cfg["batch_size"] * cfg["gradient_accumulation_steps"] * rt.world * run.T, M.flops_per_token(run.mcfg, run.T), peak)
     tf32 = " (TF32 matmuls)" if rt.device.type == "cuda" and rt.dtype == torch.float32 else ""
     log(rt, f"device {rt.device} {str(rt.dtype).split('.')[-1]}{tf32}, parallel={rt.parallel} world={rt.world}, "
         f"{meter.tokens_per_step:,} tokens/step, MFU vs {peak / 1e12:.2f} TFLOP/s ({peak_src})")
     log(rt, "per-rank memory estimate: " + ", ".join(f"{k} {b / 2**30:.2f} GiB" for k, b in
-                                                     state_bytes(s.raw.num_params(), rt.world, rt.parallel).items()) + " + activations")
+                                                     state_bytes(s.raw.num_params(), rt.world, rt.parallel, unsharded_grads(cfg, rt.parallel)).items())
+        + " + activations")
     return meter
 
 
@@ -518,14 +525,14 @@ def log_step(s, cfg, rt, meter, loss, lr, dt):
     parts = {k: v for k, v in M.metrics_from_sums(head, to_host(all_reduce_sum(meter.sums))).items() if k != "loss"} if head != "lm" else {}
     meter.sums = 0
     tok_s = meter.tokens_per_step / meter.dt_ema
-    mfu, eta = M.mfu(meter.flops_per_token, tok_s, meter.peak, rt.world), meter.dt_ema * (cfg["max_iters"] - s.step)
-    log_record(rt, cfg, {"step": s.step, "loss": round(loss, 4), "lr": lr, "tok_s": round(tok_s), "mfu": round(mfu, 4),
+    util, eta = mfu(meter.flops_per_token, tok_s, meter.peak, rt.world), meter.dt_ema * (cfg["max_iters"] - s.step)
+    log_record(rt, cfg, {"step": s.step, "loss": round(loss, 4), "lr": lr, "tok_s": round(tok_s), "mfu": round(util, 4),
                          "ms_step": round(meter.dt_ema * 1000, 1), "eta_s": round(eta), "elapsed_s": round(time.time() - meter.t0, 1),
                          **{k: round(v, 4) for k, v in parts.items()}})
     mem = (f", peak memory {torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB allocated "
            f"{torch.cuda.max_memory_reserved(rt.device) / 2**30:.1f} reserved" if rt.device.type == "cuda" else "")
     log(rt, f"step {s.step}: loss {loss:.4f}" + "".join(f", {k} {v:.3f}" for k, v in parts.items()) +
-        f", lr {lr:.2e}, {tok_s:,.0f} tok/s, MFU {mfu:.1%}, {meter.dt_ema * 1000:.1f} ms/step, ETA {eta / 60:.1f} min{mem}")
+        f", lr {lr:.2e}, {tok_s:,.0f} tok/s, MFU {util:.1%}, {meter.dt_ema * 1000:.1f} ms/step, ETA {eta / 60:.1f} min{mem}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -566,6 +573,8 @@ def train(cfg):
 def main(argv):
     """The command line. A user error, or running out of GPU memory, is one line on stderr and exit status 2;
     anything else is a bug and keeps its traceback."""
+    if {"-h", "--help"} & set(argv):
+        return print(usage(__doc__, DEFAULTS, RULES)) or 0
     try:
         config = get_config(argv)
         train(config)
