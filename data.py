@@ -181,6 +181,8 @@ def encoder_corpus(data_dir, split, meta, objective):
     ends = _positions(data, lambda a: a == meta["sep_id"])
     c = dict(data=data, starts=np.concatenate(([0], ends[:-1] + 1)), ends=ends, base=meta["vocab_size"],
              sep_id=meta["sep_id"], name=f"{data_dir}/{split}")
+    if not len(ends):  # an evaluation over nothing would report a loss of 0
+        raise UserError(f"{data_dir}: the {split} split holds no documents; re-run prepare.py on more examples")
     if objective == "classify":
         if "labels" not in meta:
             raise UserError(f"{data_dir} has no labels (meta.json 'labels'); objective='classify' needs a labelled "
