@@ -7,8 +7,9 @@ pystdlib corpus (prepared on first use), on the best device present.
     torchrun --standalone --nproc_per_node=8 train.py config/llama_7b.py   # DDP / FSDP
 
 Every name in the defaults block below can be set by a config file (plain Python assignments)
-or by --key=value (parsed with ast.literal_eval). An unknown key or a value of the wrong type
-stops the run before any work, naming the closest valid key.
+or by --key=value (parsed with ast.literal_eval); `--help` lists them. Each is annotated with its
+type and constraint: an unknown key (the closest valid one is named), a wrong type, a value out of
+range or keys that contradict each other stop the run with one line, before any work.
 """
 import json
 import math
