@@ -291,6 +291,8 @@ def run_bench(opts, rest, emit):
 
 
 def main(argv):
+    if {"-h", "--help"} & set(argv):  # bench's own options; the rest are train.py's (python train.py --help)
+        return print(__doc__.strip())
     opts, rest = parse_args(argv)
     # with a bare --json, stdout carries nothing but the JSON: the log, and any print from train.py, go to stderr
     to_stdout, out = opts["json"] is True, sys.stdout
