@@ -310,7 +310,9 @@ def export(net, ckpt, out_dir, max_shard_bytes=5 * 2**30):
     cfg, meta = net.cfg, ckpt.get("meta") or {}
     arch = arch_of(cfg)
     os.makedirs(out_dir, exist_ok=True)
-    sd = net.state_dict()
+    for old in os.listdir(out_dir):  # a previous export's weights: from_pretrained would prefer a stale single file
+        if old.startswith("model") and old.endswith((".safetensors", ".safetensors.index.json")):
+            os.remove(os.path.join(out_dir, old))
     shards, shard, size, total = [], {}, 0, 0
 
     def flush():
@@ -319,15 +321,12 @@ def export(net, ckpt, out_dir, max_shard_bytes=5 * 2**30):
             st.save_file(shard, tmp, metadata={"format": "pt"})
             shards.append((tmp, list(shard)))
             shard.clear()
-    for ours, theirs in groups(cfg, arch):
-        joined = torch.cat([sd[k] for k in ours]) if len(ours) > 1 else sd[ours[0]]
-        for (name, tf), part in zip(theirs, joined.chunk(len(theirs))):
-            t = to_theirs(part.detach().cpu(), tf).clone(memory_format=torch.contiguous_format)  # own storage each
-            n = t.numel() * t.element_size()
-            if size + n > max_shard_bytes and shard:
-                flush()
-                size = 0
-            shard[name], size, total = t, size + n, total + n
+    for name, t in hf_tensors(net, arch):
+        n = t.numel() * t.element_size()
+        if size + n > max_shard_bytes and shard:
+            flush()
+            size = 0
+        shard[name], size, total = t, size + n, total + n
     flush()
     weight_map = {}
     for i, (tmp, keys) in enumerate(shards):
@@ -344,6 +343,16 @@ def export(net, ckpt, out_dir, max_shard_bytes=5 * 2**30):
         note = " and GPT-2's tokenizer" if write_gpt2_tokenizer(out_dir, cfg.block_size) else " (no tokenizer: tiktoken's gpt2 unavailable)"
     print(f"wrote {out_dir}: {arch}, {net.num_params():,} parameters in {len(shards)} file(s){note}")
     return arch
+
+
+def hf_tensors(net, arch):
+    """(HF name, tensor) for each Hugging Face weight of an anvil model, each a contiguous CPU copy of its own."""
+    sd = net.state_dict()
+    for ours, theirs in groups(net.cfg, arch):
+        joined = torch.cat([sd[k] for k in ours]) if len(ours) > 1 else sd[ours[0]]
+        for (name, tf), part in zip(theirs, joined.chunk(len(theirs))):
+            # a copy each: safetensors refuses tensors sharing storage (the chunks of one joined tensor)
+            yield name, to_theirs(part.detach().cpu(), tf).clone(memory_format=torch.contiguous_format)
 
 
 def write_json(path, obj):

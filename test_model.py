@@ -20,6 +20,7 @@ import bench
 import checkpoint
 import common
 import data
+import hf
 import model as M
 import prepare
 import train
@@ -1614,6 +1615,154 @@ def test_cuda_resume_within_a_run(data_root, tmp_path):
     assert len(half["train_losses"] + rest["train_losses"]) == 12 and rest["step"] == 12
     # GPU kernels need not be bit-reproducible (atomics in attention's backward): close, not equal
     np.testing.assert_allclose(half["train_losses"] + rest["train_losses"], full["train_losses"], atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face: import (init_from='hf:DIR'), export (sample.py --export_hf), fine-tuning GPT-2
+
+def hf_libs():
+    pytest.importorskip("safetensors", reason="safetensors is optional: pip install safetensors")
+    return pytest.importorskip("transformers", reason="transformers is optional: pip install transformers")
+
+
+def perturb(net, scale=0.1):
+    """Large random offsets on every weight, so that every norm, bias and permutation shows in the logits."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return net
+
+
+def hf_reference(arch, seed=0):
+    """A small random Hugging Face model: GPT-2, LLaMA with GQA (4 query heads, 2 key/value heads) or BERT."""
+    t = hf_libs()
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        net = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    elif arch == "llama":
+        net = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    else:
+        net = t.BertForPreTraining(t.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                intermediate_size=64, max_position_embeddings=32))
+    return perturb(net.eval())
+
+
+def logit_gap(ours, theirs, x):
+    """max |ours - theirs| over the logits (BERT: MLM and NSP) of the same input ids."""
+    with torch.no_grad():
+        a, b = ours(x)[0], theirs(input_ids=x)
+    a = a if isinstance(a, tuple) else (a,)
+    b = (b.prediction_logits, b.seq_relationship_logits) if hasattr(b, "prediction_logits") else (b.logits,)
+    return max((p - q).abs().max().item() for p, q in zip(a, b))
+
+
+def from_hf(folder):
+    ck = hf.load_checkpoint(str(folder))
+    with torch.device("meta"):
+        m = M.Transformer(M.ModelConfig(**ck["model_args"]))
+    m.to_empty(device="cpu")
+    m.init_buffers()
+    checkpoint.restore(ck, m)  # checks every name and shape
+    return m.eval(), ck
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_hf_import_logits_equal(arch, tmp_path):
+    ref = hf_reference(arch)
+    ref.save_pretrained(tmp_path / "st")
+    x = torch.randint(0, 97, (2, 24))
+    m, ck = from_hf(tmp_path / "st")
+    assert logit_gap(m, ref, x) < 1e-5
+    if arch == "llama":
+        assert (m.cfg.n_head, m.cfg.n_kv_head, m.cfg.tie_embeddings) == (4, 2, False)
+    # the older pytorch_model.bin format (read with weights_only=True) gives the same weights
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    torch.save(ref.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    again, _ = from_hf(tmp_path / "bin")
+    assert all(torch.equal(p, q) for p, q in zip(m.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_hf_export_loads_in_transformers(arch, tmp_path):
+    t = hf_libs()
+    m = perturb(bert_small() if arch == "bert" else small_model(arch))  # llama: GQA, untied; gpt2: tied
+    shard = 20_000 if arch == "llama" else 5 * 2**30  # llama: many shards and an index, as above 5 GB
+    assert hf.export(m, {}, str(tmp_path), max_shard_bytes=shard) == hf.arch_of(m.cfg)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (arch == "llama")
+    cls = t.BertForPreTraining if arch == "bert" else t.AutoModelForCausalLM
+    ref, info = cls.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    x = torch.randint(0, m.cfg.vocab_size, (2, 24))
+    assert logit_gap(m, ref.eval(), x) < 1e-5
+    back, _ = from_hf(tmp_path)  # anvil -> HF -> anvil: bit for bit
+    a, b = m.state_dict(), back.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(architectures=["MistralForCausalLM"], model_type="mistral"), "architecture 'MistralForCausalLM' is not supported"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "config.json sets rope_scaling="),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "rope_type 'default' only"),
+    (dict(attention_bias=True), "config.json sets attention_bias=True, which anvil does not support"),
+    (dict(sliding_window=16), "config.json sets sliding_window=16"),
+    (dict(tie_word_embeddings=True), "tie_word_embeddings=true but lm_head.weight differs from the embedding"),
+])
+def test_hf_import_refuses_what_anvil_cannot_represent(tmp_path, change, match):
+    hf_reference("llama").save_pretrained(tmp_path)
+    c = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(c, **change)))
+    with pytest.raises(common.UserError, match=match) as e:
+        hf.load_checkpoint(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_hf_import_errors_are_one_line_from_the_cli(data_root, tmp_path, monkeypatch, capsys):
+    ref = hf_reference("gpt2")
+    ref.save_pretrained(tmp_path / "m")
+    c = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(c, tie_word_embeddings=False)))  # but no lm_head.weight
+    capsys.readouterr()  # save_pretrained's progress bar
+    status, err = main_fails([f"--init_from=hf:{tmp_path / 'm'}"], data_root, tmp_path, monkeypatch, capsys)
+    assert status == 2 and err.count("\n") == 1 and "lacks weight 'lm_head.weight'" in err, err
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(c, architectures=["GPT2DoubleHeadsModel"])))
+    status, err = main_fails([f"--init_from=hf:{tmp_path / 'm'}"], data_root, tmp_path, monkeypatch, capsys)
+    assert status == 2 and err.count("\n") == 1 and "'GPT2DoubleHeadsModel' is not supported" in err, err
+
+
+def test_hf_finetune_gpt2_resume_and_export(gpt2, tmp_path, capsys):
+    t = hf_libs()
+    torch.manual_seed(0)  # GPT-2's 50257-token vocabulary at a small width
+    t.GPT2LMHeadModel(t.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "hf")
+    prepare.prepare("j", [os.path.dirname(json.__file__)], tokenizer="gpt2", out_dir=tmp_path / "data", quiet=True)
+    cfg = dict(train.DEFAULTS, data_root=str(tmp_path / "data"), dataset="j", init_from=f"hf:{tmp_path / 'hf'}",
+               batch_size=8, max_iters=30, lr_decay_iters=30, eval_interval=15, eval_iters=2, warmup_iters=3,
+               learning_rate=3e-3, log_interval=100, threads=1, device="cpu", dropout=0.1)
+    full = train.train(dict(cfg, out_dir=str(tmp_path / "a")))
+    (_, v0), _, (_, v30) = full["evals"]
+    assert v0 > 10.0 and v30 < v0 - 1.0, full["evals"]  # ln(50257) = 10.8 at the start
+    half = train.train(dict(cfg, out_dir=str(tmp_path / "b"), max_iters=15))
+    rest = train.train(dict(cfg, out_dir=str(tmp_path / "b"), init_from="resume"))
+    assert half["train_losses"] + rest["train_losses"] == full["train_losses"]  # bit for bit
+    # the fine-tuned model back to transformers, with GPT-2's tokenizer files
+    import sample
+    assert sample.main([f"--ckpt={tmp_path / 'a'}", f"--export_hf={tmp_path / 'out'}", "--device=cpu"]) == 0
+    assert "GPT2LMHeadModel" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= set(os.listdir(tmp_path / "out"))
+    ref = t.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    x = torch.tensor([gpt2.encode("def loads(s, *, cls=None):\n    return")])
+    assert logit_gap(full["model"].eval(), ref, x) < 1e-5
+
+
+def test_hf_gpt2_tokenizer_files_match_tiktoken(gpt2, tmp_path):
+    t = hf_libs()
+    assert hf.write_gpt2_tokenizer(str(tmp_path), 1024)  # vocab.json and merges.txt rebuilt offline from tiktoken
+    tok = t.GPT2TokenizerFast.from_pretrained(str(tmp_path))
+    folder = Path(os.__file__).parent
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted((folder / "email").glob("*.py")))[:300_000]
+    text += "\n héllo ✓ wörld\t  日本語  \r\n\n  x"
+    assert len(text) > 250_000 and tok(text)["input_ids"] == gpt2.encode(text)
 
 
 # ------------------------------------------------------------------------------------------------
