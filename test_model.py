@@ -901,34 +901,6 @@ def test_bert_init_rules():
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), again.parameters()))
 
 
-def to_hf_state(m):
-    """Our BERT's weights under Hugging Face BertForPreTraining's names."""
-    C, sd = m.cfg.n_embd, m.state_dict()
-    out = {"bert.embeddings.word_embeddings.weight": sd["tok_emb.weight"],
-           "bert.embeddings.position_embeddings.weight": sd["pos_emb.weight"],
-           "bert.embeddings.token_type_embeddings.weight": sd["type_emb.weight"],
-           "bert.pooler.dense.weight": sd["pooler.weight"], "bert.pooler.dense.bias": sd["pooler.bias"],
-           "cls.predictions.transform.dense.weight": sd["mlm_dense.weight"],
-           "cls.predictions.transform.dense.bias": sd["mlm_dense.bias"],
-           "cls.predictions.decoder.weight": sd["tok_emb.weight"], "cls.predictions.bias": sd["lm_head.bias"],
-           "cls.predictions.decoder.bias": sd["lm_head.bias"],  # tied to cls.predictions.bias (a key in newer versions)
-           "cls.seq_relationship.weight": sd["nsp_head.weight"], "cls.seq_relationship.bias": sd["nsp_head.bias"]}
-    for ours, theirs in (("norm", "bert.embeddings.LayerNorm"), ("mlm_norm", "cls.predictions.transform.LayerNorm")):
-        out[f"{theirs}.weight"], out[f"{theirs}.bias"] = sd[f"{ours}.weight"], sd[f"{ours}.bias"]
-    for i in range(m.cfg.n_layer):
-        p, q = f"blocks.{i}.", f"bert.encoder.layer.{i}."
-        kw, kb = sd[p + "attn.kv.weight"], sd[p + "attn.kv.bias"]
-        pairs = {"attention.self.query": ("attn.q", None), "attention.self.key": ("attn.kv", slice(0, C)),
-                 "attention.self.value": ("attn.kv", slice(C, 2 * C)), "attention.output.dense": ("attn.proj", None),
-                 "attention.output.LayerNorm": ("norm1", None), "intermediate.dense": ("mlp.up", None),
-                 "output.dense": ("mlp.down", None), "output.LayerNorm": ("norm2", None)}
-        for theirs, (ours, rows) in pairs.items():
-            for leaf in ("weight", "bias"):
-                t = sd[f"{p}{ours}.{leaf}"]
-                out[f"{q}{theirs}.{leaf}"] = t[rows] if rows is not None else t
-    return out
-
-
 def test_logits_equal_huggingface_bert():
     transformers = pytest.importorskip("transformers", reason="transformers is optional; install it to compare with BertForPreTraining")
     cfg = dict(BERT_SMALL, ffn_hidden=64)
@@ -940,18 +912,18 @@ def test_logits_equal_huggingface_bert():
                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
                                      type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu",
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    hf = transformers.BertForPreTraining(hf_cfg).eval()
-    theirs = hf.state_dict()
-    missing, unexpected = hf.load_state_dict({k: v for k, v in to_hf_state(m).items() if k in theirs}, strict=False)
-    assert not [k for k in missing if "position_ids" not in k], missing
+    ref = transformers.BertForPreTraining(hf_cfg).eval()
+    # hf.py's weight map; the decoder's weight and bias are tied to the word embeddings and cls.predictions.bias
+    missing, unexpected = ref.load_state_dict(dict(hf.hf_tensors(m, "BertForPreTraining")), strict=False)
+    assert not unexpected and not [k for k in missing if not k.startswith("cls.predictions.decoder.")], missing
     x = torch.randint(0, 97, (2, 24))
     x[1, 18:] = 100
     mask, types = x != 100, (torch.arange(24) >= 9).long().expand(2, 24)
     (mlm, nsp), _ = m(x, token_type_ids=types, attn_mask=mask)
     with torch.no_grad():
-        ref = hf(input_ids=x, token_type_ids=types, attention_mask=mask.long())
-    torch.testing.assert_close(mlm[mask], ref.prediction_logits[mask], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=1e-4, rtol=1e-4)
+        out = ref(input_ids=x, token_type_ids=types, attention_mask=mask.long())
+    torch.testing.assert_close(mlm[mask], out.prediction_logits[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(nsp, out.seq_relationship_logits, atol=1e-4, rtol=1e-4)
 
 
 def test_adapt_heads_for_finetuning():
