@@ -1656,10 +1656,11 @@ def test_hf_import_logits_equal(arch, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(m.state_dict().values(), again.state_dict().values()))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied", "bert"])
 def test_hf_export_loads_in_transformers(arch, tmp_path):
     t = hf_libs()
-    m = perturb(bert_small() if arch == "bert" else small_model(arch))  # llama: GQA, untied; gpt2: tied
+    # llama: GQA, untied; llama-tied: as the tiny preset; gpt2: tied
+    m = perturb(bert_small() if arch == "bert" else small_model(arch.split("-")[0], tie_embeddings=arch.endswith("tied")))
     shard = 20_000 if arch == "llama" else 5 * 2**30  # llama: many shards and an index, as above 5 GB
     assert hf.export(m, {}, str(tmp_path), max_shard_bytes=shard) == hf.arch_of(m.cfg)
     assert (tmp_path / "model.safetensors.index.json").exists() == (arch == "llama")
