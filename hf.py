@@ -240,7 +240,10 @@ def open_weights(folder):
             if file.endswith(".safetensors"):
                 opened[file] = need("safetensors", "safetensors").safe_open(path, framework="pt")
             else:
-                opened[file] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                try:  # weights_only: a file crafted to run code on load is refused
+                    opened[file] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:
+                    raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:150]})") from None
         return opened[file]
     if files is None:
         f = load(single)
@@ -289,9 +292,13 @@ def load_checkpoint(source, corpus_meta=None):
     folder = resolve_folder(os.path.expanduser(source))
     try:
         with open(os.path.join(folder, "config.json")) as f:
-            arch, cfg = from_hf_config(json.load(f))
-    except (OSError, ValueError, KeyError) as e:
+            c = json.load(f)
+    except (OSError, ValueError) as e:
         raise UserError(f"{folder}/config.json cannot be read: {type(e).__name__}: {e}") from None
+    try:
+        arch, cfg = from_hf_config(c)
+    except KeyError as e:
+        raise UserError(f"{folder}/config.json lacks the field {e.args[0]!r}") from None
     gpt2 = arch == "GPT2LMHeadModel" and cfg.vocab_size == 50257
     if gpt2 and corpus_meta is not None and corpus_meta["tokenizer"] != "gpt2":
         raise UserError(f"hf:{source} is a GPT-2 model with GPT-2's tokenizer, the dataset uses "

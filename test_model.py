@@ -1656,15 +1656,18 @@ def test_hf_import_logits_equal(arch, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(m.state_dict().values(), again.state_dict().values()))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied", "bert"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied", "bert", "bert-classify"])
 def test_hf_export_loads_in_transformers(arch, tmp_path):
     t = hf_libs()
-    # llama: GQA, untied; llama-tied: as the tiny preset; gpt2: tied
-    m = perturb(bert_small() if arch == "bert" else small_model(arch.split("-")[0], tie_embeddings=arch.endswith("tied")))
+    # llama: GQA, untied; llama-tied: as the tiny preset; gpt2: tied; bert-classify: a fine-tuned classifier
+    if arch.startswith("bert"):
+        m = perturb(bert_small(**(dict(head="classify", n_labels=3) if arch.endswith("classify") else {})))
+    else:
+        m = perturb(small_model(arch.split("-")[0], tie_embeddings=arch.endswith("tied")))
     shard = 20_000 if arch == "llama" else 5 * 2**30  # llama: many shards and an index, as above 5 GB
     assert hf.export(m, {}, str(tmp_path), max_shard_bytes=shard) == hf.arch_of(m.cfg)
     assert (tmp_path / "model.safetensors.index.json").exists() == (arch == "llama")
-    cls = t.BertForPreTraining if arch == "bert" else t.AutoModelForCausalLM
+    cls = {"bert": t.BertForPreTraining, "bert-classify": t.BertForSequenceClassification}.get(arch, t.AutoModelForCausalLM)
     ref, info = cls.from_pretrained(str(tmp_path), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     x = torch.randint(0, m.cfg.vocab_size, (2, 24))
@@ -1672,6 +1675,23 @@ def test_hf_export_loads_in_transformers(arch, tmp_path):
     back, _ = from_hf(tmp_path)  # anvil -> HF -> anvil: bit for bit
     a, b = m.state_dict(), back.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hf_import_bert_model_without_heads(tmp_path):
+    t = hf_libs()
+    torch.manual_seed(0)
+    ref = perturb(t.BertModel(t.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, max_position_embeddings=32)).eval())
+    ref.save_pretrained(tmp_path)  # the encoder alone: no "bert." prefix, no MLM/NSP heads
+    m, _ = from_hf(tmp_path)
+    assert m.cfg.head == "mlm_nsp"  # its heads fresh, as for fine-tuning
+    hidden = []
+    m.blocks[-1].register_forward_hook(lambda mod, inp, out: hidden.append(out))
+    x = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        m(x)
+        out = ref(input_ids=x)
+    assert (hidden[0] - out.last_hidden_state).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("change, match", [
