@@ -246,9 +246,12 @@ def open_weights(folder):
                     raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:150]})") from None
         return opened[file]
     if files is None:
-        f = load(single)
-        files = {k: single for k in f.keys()}
-    return set(files), lambda name: (lambda f: f.get_tensor(name) if hasattr(f, "get_tensor") else f[name])(load(files[name]))
+        files = {k: single for k in load(single).keys()}
+
+    def get(name):
+        f = load(files[name])
+        return f.get_tensor(name) if hasattr(f, "get_tensor") else f[name]  # safetensors handle, or a state dict
+    return set(files), get
 
 
 def import_state(folder, arch, cfg):

@@ -1711,6 +1711,13 @@ def test_hf_import_refuses_what_anvil_cannot_represent(tmp_path, change, match):
     assert "\n" not in str(e.value)
 
 
+def test_hf_optional_packages_named_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(common.UserError, match="pip install safetensors"):
+        hf.export(small_model("gpt2"), {}, str(tmp_path))
+
+
 def test_hf_import_errors_are_one_line_from_the_cli(data_root, tmp_path, monkeypatch, capsys):
     ref = hf_reference("gpt2")
     ref.save_pretrained(tmp_path / "m")
