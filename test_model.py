@@ -2096,7 +2096,7 @@ def test_other_clis_check_every_argument_first(tmp_path, monkeypatch, capsys):
                            text=True, cwd=tmp_path)
         assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
         assert argv[0].split("=")[0].lstrip("-")[:3] in r.stderr and not out.exists(), (argv, r.stderr)
-    assert (n_sample, len(cases) + 1, len(bad)) == (18, 14, 11)  # cases per CLI, for the closing note
+    assert (n_sample, len(cases) + 1, len(bad)) == (19, 14, 11)  # cases per CLI, for the closing note
 
 
 def bad_values_of(annotation):
