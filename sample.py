@@ -35,6 +35,7 @@ top_p: Annotated[float, rule("in (0, 1]", lambda v: 0 < v <= 1, [0.0, 1.5])] = N
 seed: Annotated[int, at_least(0)] = 1337
 device: Annotated[str, device_rule] = "auto"
 export: Annotated[str, nonempty] = None              # write the checkpoint's weights as one .pt file (e.g. from a sharded .dcp) and exit
+export_hf: Annotated[str, nonempty] = None           # write a Hugging Face folder (config.json, model.safetensors) and exit
 RULES = dict(__annotations__)
 DEFAULTS = {k: globals()[k] for k in RULES}
 
@@ -104,6 +105,10 @@ def sample(args):
         keep = {k: v for k, v in ckpt.items() if k in ("model_args", "meta", "config", "step", "best_val")}
         checkpoint.save_file(dict(keep, model=net.state_dict()), args["export"])
         return print(f"wrote {args['export']}: {net.num_params():,} parameters, step {ckpt['step']}")
+    if args["export_hf"]:
+        import hf  # optional dependencies (safetensors) only on this path
+        hf.export(net, ckpt, args["export_hf"])
+        return
     tok = prepare.get_tokenizer_from_meta(ckpt["meta"])
     if net.cfg.head == "classify":
         probs = net(encoder_input(net, tok, ckpt["meta"], start))[0][0].float().softmax(-1)

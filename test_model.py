@@ -20,6 +20,7 @@ import bench
 import checkpoint
 import common
 import data
+import hf
 import model as M
 import prepare
 import train
@@ -900,34 +901,6 @@ def test_bert_init_rules():
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), again.parameters()))
 
 
-def to_hf_state(m):
-    """Our BERT's weights under Hugging Face BertForPreTraining's names."""
-    C, sd = m.cfg.n_embd, m.state_dict()
-    out = {"bert.embeddings.word_embeddings.weight": sd["tok_emb.weight"],
-           "bert.embeddings.position_embeddings.weight": sd["pos_emb.weight"],
-           "bert.embeddings.token_type_embeddings.weight": sd["type_emb.weight"],
-           "bert.pooler.dense.weight": sd["pooler.weight"], "bert.pooler.dense.bias": sd["pooler.bias"],
-           "cls.predictions.transform.dense.weight": sd["mlm_dense.weight"],
-           "cls.predictions.transform.dense.bias": sd["mlm_dense.bias"],
-           "cls.predictions.decoder.weight": sd["tok_emb.weight"], "cls.predictions.bias": sd["lm_head.bias"],
-           "cls.predictions.decoder.bias": sd["lm_head.bias"],  # tied to cls.predictions.bias (a key in newer versions)
-           "cls.seq_relationship.weight": sd["nsp_head.weight"], "cls.seq_relationship.bias": sd["nsp_head.bias"]}
-    for ours, theirs in (("norm", "bert.embeddings.LayerNorm"), ("mlm_norm", "cls.predictions.transform.LayerNorm")):
-        out[f"{theirs}.weight"], out[f"{theirs}.bias"] = sd[f"{ours}.weight"], sd[f"{ours}.bias"]
-    for i in range(m.cfg.n_layer):
-        p, q = f"blocks.{i}.", f"bert.encoder.layer.{i}."
-        kw, kb = sd[p + "attn.kv.weight"], sd[p + "attn.kv.bias"]
-        pairs = {"attention.self.query": ("attn.q", None), "attention.self.key": ("attn.kv", slice(0, C)),
-                 "attention.self.value": ("attn.kv", slice(C, 2 * C)), "attention.output.dense": ("attn.proj", None),
-                 "attention.output.LayerNorm": ("norm1", None), "intermediate.dense": ("mlp.up", None),
-                 "output.dense": ("mlp.down", None), "output.LayerNorm": ("norm2", None)}
-        for theirs, (ours, rows) in pairs.items():
-            for leaf in ("weight", "bias"):
-                t = sd[f"{p}{ours}.{leaf}"]
-                out[f"{q}{theirs}.{leaf}"] = t[rows] if rows is not None else t
-    return out
-
-
 def test_logits_equal_huggingface_bert():
     transformers = pytest.importorskip("transformers", reason="transformers is optional; install it to compare with BertForPreTraining")
     cfg = dict(BERT_SMALL, ffn_hidden=64)
@@ -939,18 +912,18 @@ def test_logits_equal_huggingface_bert():
                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
                                      type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu",
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    hf = transformers.BertForPreTraining(hf_cfg).eval()
-    theirs = hf.state_dict()
-    missing, unexpected = hf.load_state_dict({k: v for k, v in to_hf_state(m).items() if k in theirs}, strict=False)
-    assert not [k for k in missing if "position_ids" not in k], missing
+    ref = transformers.BertForPreTraining(hf_cfg).eval()
+    # hf.py's weight map; the decoder's weight and bias are tied to the word embeddings and cls.predictions.bias
+    missing, unexpected = ref.load_state_dict(dict(hf.hf_tensors(m, "BertForPreTraining")), strict=False)
+    assert not unexpected and not [k for k in missing if not k.startswith("cls.predictions.decoder.")], missing
     x = torch.randint(0, 97, (2, 24))
     x[1, 18:] = 100
     mask, types = x != 100, (torch.arange(24) >= 9).long().expand(2, 24)
     (mlm, nsp), _ = m(x, token_type_ids=types, attn_mask=mask)
     with torch.no_grad():
-        ref = hf(input_ids=x, token_type_ids=types, attention_mask=mask.long())
-    torch.testing.assert_close(mlm[mask], ref.prediction_logits[mask], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=1e-4, rtol=1e-4)
+        out = ref(input_ids=x, token_type_ids=types, attention_mask=mask.long())
+    torch.testing.assert_close(mlm[mask], out.prediction_logits[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(nsp, out.seq_relationship_logits, atol=1e-4, rtol=1e-4)
 
 
 def test_adapt_heads_for_finetuning():
@@ -1617,6 +1590,182 @@ def test_cuda_resume_within_a_run(data_root, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Hugging Face: import (init_from='hf:DIR'), export (sample.py --export_hf), fine-tuning GPT-2
+
+def hf_libs():
+    pytest.importorskip("safetensors", reason="safetensors is optional: pip install safetensors")
+    return pytest.importorskip("transformers", reason="transformers is optional: pip install transformers")
+
+
+def perturb(net, scale=0.1):
+    """Large random offsets on every weight, so that every norm, bias and permutation shows in the logits."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return net
+
+
+def hf_reference(arch, seed=0):
+    """A small random Hugging Face model: GPT-2, LLaMA with GQA (4 query heads, 2 key/value heads) or BERT."""
+    t = hf_libs()
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        net = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    elif arch == "llama":
+        net = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    else:
+        net = t.BertForPreTraining(t.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                intermediate_size=64, max_position_embeddings=32))
+    return perturb(net.eval())
+
+
+def logit_gap(ours, theirs, x):
+    """max |ours - theirs| over the logits (BERT: MLM and NSP) of the same input ids."""
+    with torch.no_grad():
+        a, b = ours(x)[0], theirs(input_ids=x)
+    a = a if isinstance(a, tuple) else (a,)
+    b = (b.prediction_logits, b.seq_relationship_logits) if hasattr(b, "prediction_logits") else (b.logits,)
+    return max((p - q).abs().max().item() for p, q in zip(a, b))
+
+
+def from_hf(folder):
+    ck = hf.load_checkpoint(str(folder))
+    with torch.device("meta"):
+        m = M.Transformer(M.ModelConfig(**ck["model_args"]))
+    m.to_empty(device="cpu")
+    m.init_buffers()
+    checkpoint.restore(ck, m)  # checks every name and shape
+    return m.eval(), ck
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_hf_import_logits_equal(arch, tmp_path):
+    ref = hf_reference(arch)
+    ref.save_pretrained(tmp_path / "st")
+    x = torch.randint(0, 97, (2, 24))
+    m, ck = from_hf(tmp_path / "st")
+    assert logit_gap(m, ref, x) < 1e-5
+    if arch == "llama":
+        assert (m.cfg.n_head, m.cfg.n_kv_head, m.cfg.tie_embeddings) == (4, 2, False)
+    # the older pytorch_model.bin format (read with weights_only=True) gives the same weights
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    torch.save(ref.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    again, _ = from_hf(tmp_path / "bin")
+    assert all(torch.equal(p, q) for p, q in zip(m.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied", "bert", "bert-classify"])
+def test_hf_export_loads_in_transformers(arch, tmp_path):
+    t = hf_libs()
+    # llama: GQA, untied; llama-tied: as the tiny preset; gpt2: tied; bert-classify: a fine-tuned classifier
+    if arch.startswith("bert"):
+        m = perturb(bert_small(**(dict(head="classify", n_labels=3) if arch.endswith("classify") else {})))
+    else:
+        m = perturb(small_model(arch.split("-")[0], tie_embeddings=arch.endswith("tied")))
+    shard = 20_000 if arch == "llama" else 5 * 2**30  # llama: many shards and an index, as above 5 GB
+    assert hf.export(m, {}, str(tmp_path), max_shard_bytes=shard) == hf.arch_of(m.cfg)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (arch == "llama")
+    cls = {"bert": t.BertForPreTraining, "bert-classify": t.BertForSequenceClassification}.get(arch, t.AutoModelForCausalLM)
+    ref, info = cls.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    x = torch.randint(0, m.cfg.vocab_size, (2, 24))
+    assert logit_gap(m, ref.eval(), x) < 1e-5
+    back, _ = from_hf(tmp_path)  # anvil -> HF -> anvil: bit for bit
+    a, b = m.state_dict(), back.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hf_import_bert_model_without_heads(tmp_path):
+    t = hf_libs()
+    torch.manual_seed(0)
+    ref = perturb(t.BertModel(t.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, max_position_embeddings=32)).eval())
+    ref.save_pretrained(tmp_path)  # the encoder alone: no "bert." prefix, no MLM/NSP heads
+    m, _ = from_hf(tmp_path)
+    assert m.cfg.head == "mlm_nsp"  # its heads fresh, as for fine-tuning
+    hidden = []
+    m.blocks[-1].register_forward_hook(lambda mod, inp, out: hidden.append(out))
+    x = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        m(x)
+        out = ref(input_ids=x)
+    assert (hidden[0] - out.last_hidden_state).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(architectures=["MistralForCausalLM"], model_type="mistral"), "architecture 'MistralForCausalLM' is not supported"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "config.json sets rope_scaling="),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "rope_type 'default' only"),
+    (dict(attention_bias=True), "config.json sets attention_bias=True, which anvil does not support"),
+    (dict(sliding_window=16), "config.json sets sliding_window=16"),
+    (dict(tie_word_embeddings=True), "tie_word_embeddings=true but lm_head.weight differs from the embedding"),
+])
+def test_hf_import_refuses_what_anvil_cannot_represent(tmp_path, change, match):
+    hf_reference("llama").save_pretrained(tmp_path)
+    c = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(c, **change)))
+    with pytest.raises(common.UserError, match=match) as e:
+        hf.load_checkpoint(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_hf_optional_packages_named_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(common.UserError, match="pip install safetensors"):
+        hf.export(small_model("gpt2"), {}, str(tmp_path))
+
+
+def test_hf_import_errors_are_one_line_from_the_cli(data_root, tmp_path, monkeypatch, capsys):
+    ref = hf_reference("gpt2")
+    ref.save_pretrained(tmp_path / "m")
+    c = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(c, tie_word_embeddings=False)))  # but no lm_head.weight
+    capsys.readouterr()  # save_pretrained's progress bar
+    status, err = main_fails([f"--init_from=hf:{tmp_path / 'm'}"], data_root, tmp_path, monkeypatch, capsys)
+    assert status == 2 and err.count("\n") == 1 and "lacks weight 'lm_head.weight'" in err, err
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(c, architectures=["GPT2DoubleHeadsModel"])))
+    status, err = main_fails([f"--init_from=hf:{tmp_path / 'm'}"], data_root, tmp_path, monkeypatch, capsys)
+    assert status == 2 and err.count("\n") == 1 and "'GPT2DoubleHeadsModel' is not supported" in err, err
+
+
+def test_hf_finetune_gpt2_resume_and_export(gpt2, tmp_path, capsys):
+    t = hf_libs()
+    torch.manual_seed(0)  # GPT-2's 50257-token vocabulary at a small width
+    t.GPT2LMHeadModel(t.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "hf")
+    prepare.prepare("j", [os.path.dirname(json.__file__)], tokenizer="gpt2", out_dir=tmp_path / "data", quiet=True)
+    cfg = dict(train.DEFAULTS, data_root=str(tmp_path / "data"), dataset="j", init_from=f"hf:{tmp_path / 'hf'}",
+               batch_size=8, max_iters=30, lr_decay_iters=30, eval_interval=15, eval_iters=2, warmup_iters=3,
+               learning_rate=3e-3, log_interval=100, threads=1, device="cpu", dropout=0.1)
+    full = train.train(dict(cfg, out_dir=str(tmp_path / "a")))
+    (_, v0), _, (_, v30) = full["evals"]
+    assert v0 > 10.0 and v30 < v0 - 1.0, full["evals"]  # ln(50257) = 10.8 at the start
+    half = train.train(dict(cfg, out_dir=str(tmp_path / "b"), max_iters=15))
+    rest = train.train(dict(cfg, out_dir=str(tmp_path / "b"), init_from="resume"))
+    assert half["train_losses"] + rest["train_losses"] == full["train_losses"]  # bit for bit
+    # the fine-tuned model back to transformers, with GPT-2's tokenizer files
+    import sample
+    assert sample.main([f"--ckpt={tmp_path / 'a'}", f"--export_hf={tmp_path / 'out'}", "--device=cpu"]) == 0
+    assert "GPT2LMHeadModel" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= set(os.listdir(tmp_path / "out"))
+    ref = t.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    x = torch.tensor([gpt2.encode("def loads(s, *, cls=None):\n    return")])
+    assert logit_gap(full["model"].eval(), ref, x) < 1e-5
+
+
+def test_hf_gpt2_tokenizer_files_match_tiktoken(gpt2, tmp_path):
+    t = hf_libs()
+    assert hf.write_gpt2_tokenizer(str(tmp_path), 1024)  # vocab.json and merges.txt rebuilt offline from tiktoken
+    tok = t.GPT2TokenizerFast.from_pretrained(str(tmp_path))
+    folder = Path(os.__file__).parent
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted((folder / "email").glob("*.py")))[:300_000]
+    text += "\n héllo ✓ wörld\t  日本語  \r\n\n  x"
+    assert len(text) > 250_000 and tok(text)["input_ids"] == gpt2.encode(text)
+
+
+# ------------------------------------------------------------------------------------------------
 # faults: kills, preemption, NaNs, a full disk, a dead rank
 
 FAULT = dict(n_layer=2, n_embd=64, n_head=4, block_size=64, batch_size=8, warmup_iters=5, eval_iters=2,
@@ -1947,7 +2096,7 @@ def test_other_clis_check_every_argument_first(tmp_path, monkeypatch, capsys):
                            text=True, cwd=tmp_path)
         assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
         assert argv[0].split("=")[0].lstrip("-")[:3] in r.stderr and not out.exists(), (argv, r.stderr)
-    assert (n_sample, len(cases) + 1, len(bad)) == (18, 14, 11)  # cases per CLI, for the closing note
+    assert (n_sample, len(cases) + 1, len(bad)) == (19, 14, 11)  # cases per CLI, for the closing note
 
 
 def bad_values_of(annotation):

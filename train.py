@@ -35,7 +35,7 @@ from common import (UserError, all_reduce_sum, at_least, barrier, below, catch_s
 # defaults: each key's annotation is its type and constraint (common.rule), checked by get_config
 # I/O
 out_dir: Annotated[str, nonempty] = "out"
-init_from: Annotated[str, nonempty] = "scratch"       # 'scratch' | 'resume' (latest checkpoint in out_dir) | a checkpoint path (fine-tune)
+init_from: Annotated[str, nonempty] = "scratch"       # 'scratch' | 'resume' (latest checkpoint in out_dir) | a checkpoint path | 'hf:DIR' or 'hf:NAME' (fine-tune)
 eval_interval: Annotated[int, at_least(1)] = 250      # evaluate (and checkpoint) every this many steps
 eval_iters: Annotated[int, at_least(1)] = 32          # validation batches per evaluation: a fixed set, comparable across runs
 log_interval: Annotated[int, at_least(1)] = 50
@@ -202,7 +202,10 @@ def resolve_run(cfg, rt):
     splits = tokens if cfg["objective"] == "clm" else [data.encoder_corpus(data_dir, s, meta, cfg["objective"])
                                                        for s in ("train", "val")]
     ckpt, resuming = None, cfg["init_from"] == "resume"
-    if cfg["init_from"] != "scratch":
+    if cfg["init_from"].startswith("hf:"):  # a Hugging Face folder or hub name, as a fine-tune checkpoint
+        import hf  # optional dependencies (safetensors...) only on this path
+        ckpt = hf.load_checkpoint(cfg["init_from"][3:], meta)
+    elif cfg["init_from"] != "scratch":
         path = find_checkpoint(cfg["out_dir"] if resuming else cfg["init_from"])
         if path is None and resuming:
             raise UserError(f"init_from='resume' but {cfg['out_dir']} holds no checkpoint (ckpt-STEP.pt "
