@@ -254,8 +254,9 @@ def open_weights(folder):
     return set(files), get
 
 
-def import_state(folder, arch, cfg):
-    """anvil's state dict from a folder's weights, one group at a time (never a second full copy)."""
+def import_state(folder, arch, cfg, shard=None):
+    """anvil's state dict from a folder's weights, one group at a time (never a second full copy). With
+    shard=(rank, world), FSDP's: each tensor keeps only this rank's dim-0 chunk, so a rank holds its shards."""
     names, get = open_weights(folder)
     prefix = "bert." if any(n.startswith("bert.") for n in names) else ""  # BertModel files have no prefix
     with torch.device("meta"):
@@ -272,7 +273,10 @@ def import_state(folder, arch, cfg):
         parts = [to_ours(get(n), tf) for n, tf in theirs]
         joined = torch.cat(parts) if len(parts) > 1 else parts[0]
         for k, t in zip(ours, joined.split([rows[k] for k in ours])):
-            state[k] = t.contiguous()
+            if shard:  # torch.chunk, as fully_shard splits dim 0 (a rank past the last chunk holds nothing)
+                chunks = t.chunk(shard[1], dim=0)
+                t = chunks[shard[0]] if shard[0] < len(chunks) else t[:0]
+            state[k] = t.clone() if shard else t.contiguous()
         used.update(n for n, _ in theirs)
     head, emb = head_name(arch), groups(cfg, arch, prefix)[0][1][0][0]  # the first group is the embedding
     if cfg.tie_embeddings and cfg.head != "classify":
@@ -287,7 +291,7 @@ def import_state(folder, arch, cfg):
     return state
 
 
-def load_checkpoint(source, corpus_meta=None):
+def load_checkpoint(source, corpus_meta=None, shard=None):
     """init_from='hf:SOURCE' as a checkpoint dict like a fine-tune's: model, model_args, meta. Hugging Face
     folders carry their own tokenizer, anvil's corpora a tiktoken or bytes one: GPT-2's 50257-token
     vocabulary must pair with a corpus prepared with --tokenizer=gpt2; any other model is trusted with the
@@ -307,7 +311,8 @@ def load_checkpoint(source, corpus_meta=None):
         raise UserError(f"hf:{source} is a GPT-2 model with GPT-2's tokenizer, the dataset uses "
                         f"{corpus_meta['tokenizer']!r}; prepare it with --tokenizer=gpt2")
     meta = dict(corpus_meta or {"tokenizer": "gpt2" if gpt2 else "unknown", "vocab_size": cfg.vocab_size}, hf=source)
-    return {"model": import_state(folder, arch, cfg), "model_args": asdict(cfg), "meta": meta}
+    return {"model": import_state(folder, arch, cfg, shard), "model_args": asdict(cfg), "meta": meta,
+            **({"shard": shard} if shard else {})}
 
 
 # -----------------------------------------------------------------------------------------------

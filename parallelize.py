@@ -71,3 +71,13 @@ def init_params(model, seed, device):
         else:
             p.copy_(full)
     model.init_buffers()
+
+
+@torch.no_grad()
+def load_shards(model, chunks):
+    """FSDP: copy each parameter's local chunk (dim 0, as fully_shard splits it; see init_params) from `chunks`,
+    a state dict of this rank's chunks only (hf.load_checkpoint with shard=(rank, world))."""
+    for name, p in model.named_parameters():
+        local = p.to_local()
+        if local.numel():
+            local.copy_(chunks[name])

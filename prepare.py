@@ -10,7 +10,9 @@ labelled corpora {train,val}_labels.npy. Document i of the inputs goes to valida
 Tokenizers: "bytes" is UTF-8 bytes 0..255 with separator 256 (vocab 257), and needs
 nothing. Any tiktoken encoding (gpt2, cl100k_base, o200k_base, ...) uses its
 <|endoftext|> token as separator; tiktoken downloads its files on first use, or
-reads them from the folder in TIKTOKEN_CACHE_DIR.
+reads them from the folder in TIKTOKEN_CACHE_DIR. A path names a tiktoken-format BPE
+file (LLaMA-3's tokenizer.model is one): its ranks, then the separator; the model's
+vocab_size follows (meta.json records the tokenizer's absolute path).
 """
 
 import argparse
@@ -52,11 +54,15 @@ def get_tokenizer(name):
     except ImportError:
         raise UserError(f"tokenizer {name!r} needs tiktoken (pip install tiktoken); "
                            "--tokenizer=bytes needs nothing") from None
-    if name not in tiktoken.list_encoding_names():
+    if os.path.isfile(name):  # a tiktoken-format BPE file (LLaMA-3's tokenizer.model is one)
+        enc, name = bpe_file_encoding(tiktoken, name), os.path.abspath(name)
+    elif name not in tiktoken.list_encoding_names():
         valid = ", ".join(["bytes"] + tiktoken.list_encoding_names())
-        raise UserError(f"unknown tokenizer {name!r}; valid names: {valid}")
+        raise UserError(f"unknown tokenizer {name!r}; valid names: {valid}, or the path of a tiktoken-format BPE file")
+    else:
+        enc = None
     try:
-        enc = tiktoken.get_encoding(name)
+        enc = enc or tiktoken.get_encoding(name)
     except Exception as e:  # no network, a proxy, a corrupt download: all look alike to the user
         cause = f"{type(e).__name__}: {str(e)}".splitlines()[0]
         cause = cause if len(cause) < 100 else cause[:99] + "…"
@@ -83,6 +89,23 @@ def get_tokenizer(name):
     # encode_ordinary: text that happens to contain "<|endoftext|>" stays plain text
     return SimpleNamespace(name=name, vocab_size=enc.n_vocab, sep_id=enc.eot_token,
                            encode=enc.encode_ordinary, decode=decode)
+
+
+# LLaMA-3's pre-tokenizer split (cl100k_base's, written without possessive quantifiers)
+BPE_FILE_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def bpe_file_encoding(tiktoken, path):
+    """A tiktoken Encoding from a BPE file of 'base64-token rank' lines, split by BPE_FILE_PATTERN; the
+    document separator is the id after the last rank, so vocab_size = ranks + 1."""
+    from tiktoken.load import load_tiktoken_bpe
+    try:
+        ranks = load_tiktoken_bpe(path)
+    except Exception as e:
+        raise UserError(f"tokenizer file {path!r} is not a tiktoken BPE file ({type(e).__name__}: {str(e)[:80]}); "
+                        f"its lines must be 'base64-token rank'") from None
+    return tiktoken.Encoding(os.path.basename(path), pat_str=BPE_FILE_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": max(ranks.values()) + 1})
 
 
 def dtype_for_vocab(vocab_size):
@@ -320,7 +343,8 @@ if __name__ == "__main__":
     parser.add_argument("--name", default=None, help="output folder under --out_dir (default: pystdlib)")
     parser.add_argument("--input", action="extend", nargs="+", default=[],
                         help="files, directories or globs; .jsonl gives one document per line ('text' field)")
-    parser.add_argument("--tokenizer", default="bytes", help="bytes, or a tiktoken encoding: gpt2, cl100k_base, ...")
+    parser.add_argument("--tokenizer", default="bytes", help="bytes, a tiktoken encoding (gpt2, cl100k_base, ...), "
+                        "or the path of a tiktoken-format BPE file such as LLaMA-3's tokenizer.model")
     parser.add_argument("--out_dir", default="data")
     parser.add_argument("--workers", type=int, default=None,
                         help="tokenizer processes (default: min(cpu count, 8), or 1 for small/bytes jobs)")

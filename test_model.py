@@ -524,6 +524,30 @@ def test_tiktoken_offline_message(tmp_path, monkeypatch):
     assert "cl100k_base" in msg and "TIKTOKEN_CACHE_DIR" in msg and "--tokenizer=bytes" in msg
 
 
+def test_tokenizer_from_a_bpe_file(tmp_path, data_root):
+    """--tokenizer=PATH: a tiktoken-format BPE file (LLaMA-3's tokenizer.model is one); vocab_size follows it."""
+    import base64
+    ranks = {bytes([i]): i for i in range(256)} | {b"de": 256, b"def": 257, b" s": 258, b"se": 259}
+    path = tmp_path / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(k).decode()} {v}\n" for k, v in ranks.items()))
+    tok = prepare.get_tokenizer(str(path))
+    assert (tok.vocab_size, tok.sep_id, tok.name) == (261, 260, str(path))
+    assert tok.encode("def self") == [257, 258, 101, 108, 102] and tok.decode(tok.encode("é def x")) == "é def x"
+    texts = [f"def self_{i}(x):\n    return x + {i}\n" * 20 for i in range(30)]
+    for i, t in enumerate(texts):
+        (tmp_path / "src" / f"{i:02d}.py").parent.mkdir(exist_ok=True)
+        (tmp_path / "src" / f"{i:02d}.py").write_text(t)
+    folder = prepare.prepare("bpe", [str(tmp_path / "src")], tokenizer=str(path), out_dir=tmp_path / "data", quiet=True)
+    meta = data.load_meta(folder)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["sep_id"]) == (str(path), 261, 260)
+    s = train.train(tiny_cfg(tmp_path / "data", tmp_path / "out", dataset="bpe", block_size=32, max_iters=4, eval_interval=4,
+                             warmup_iters=1))
+    assert s["model"].cfg.vocab_size == 261  # the model's vocabulary follows the tokenizer
+    (tmp_path / "bad.model").write_text("not a bpe file\n")
+    with pytest.raises(common.UserError, match="not a tiktoken BPE file"):
+        prepare.get_tokenizer(str(tmp_path / "bad.model"))
+
+
 def test_missing_input_and_failed_build(tmp_path):
     missing = str(tmp_path / "nope" / "*.txt")
     with pytest.raises(common.UserError, match="nope"):
@@ -596,6 +620,13 @@ def dist_worker(phase, data_root, out):
         res["7b"] = {"params": {n: (tuple(p.shape), tuple(p.to_local().shape), p.to_local().is_meta)
                                 for n, p in big.named_parameters()},
                      "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    elif phase == "hf":  # init_from='hf:DIR' under FSDP: each rank reads only its own chunks
+        import hf
+        load, rows = hf.load_checkpoint, {}
+        hf.load_checkpoint = lambda *a: (lambda ck: rows.update({k: v.shape[0] for k, v in ck["model"].items()}) or ck)(load(*a))
+        run("hf", parallel="fsdp", init_from=f"hf:{out / 'hf_llama'}", max_iters=0, n_layer=None, n_embd=None, n_head=None,
+            n_kv_head=None, block_size=None)
+        res["rows"] = rows
     elif phase == "die":  # rank 1 dies at its 3rd batch; rank 0 must not hang in the next collective
         if rank == 1:
             calls, real = [0], data.windows
@@ -721,6 +752,18 @@ def test_device_and_dtype_resolution():
         dt("auto", "cuda", "fsdp", bf16=False)
     with pytest.raises(ValueError, match="not supported by Tesla V100"):
         dt("bfloat16", "cuda", "single", bf16=False, device_name="Tesla V100")
+
+
+def test_hf_import_under_fsdp_reads_only_local_shards(data_root, tmp_path):
+    t = hf_libs()
+    torch.manual_seed(0)
+    ref = perturb(t.LlamaForCausalLM(t.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)))
+    ref.save_pretrained(tmp_path / "hf_llama")
+    single, _ = from_hf(tmp_path / "hf_llama")
+    p = torchrun("hf", data_root, tmp_path)
+    assert_close_states(p["hf"]["state"], single.state_dict(), atol=0)  # the same weights as a single process
+    assert p["rows"]["tok_emb.weight"] == 150 and p["rows"]["blocks.0.attn.kv.weight"] == 16  # half of 300, of 32
 
 
 def test_activation_checkpointing_same_loss_and_grads():

@@ -25,7 +25,7 @@ import torch
 import data
 import model as M
 import prepare
-from parallelize import build_model
+from parallelize import build_model, load_shards
 from checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
 from common import (UserError, all_reduce_sum, at_least, barrier, below, catch_signals, check_value, destroy_distributed,
                     device_rule, dir_lock, init_distributed, mfu, nonempty, one_of, parse_config, peak_flops, provenance,
@@ -204,7 +204,7 @@ def resolve_run(cfg, rt):
     ckpt, resuming = None, cfg["init_from"] == "resume"
     if cfg["init_from"].startswith("hf:"):  # a Hugging Face folder or hub name, as a fine-tune checkpoint
         import hf  # optional dependencies (safetensors...) only on this path
-        ckpt = hf.load_checkpoint(cfg["init_from"][3:], meta)
+        ckpt = hf.load_checkpoint(cfg["init_from"][3:], meta, (rt.rank, rt.world) if rt.parallel == "fsdp" and cfg["objective"] == "clm" else None)
     elif cfg["init_from"] != "scratch":
         path = find_checkpoint(cfg["out_dir"] if resuming else cfg["init_from"])
         if path is None and resuming:
@@ -323,7 +323,9 @@ def build(cfg, rt, mcfg, ckpt=None, resuming=False):
             raise UserError("fine-tuning onto another head needs a .pt checkpoint: export the sharded one with "
                              "python sample.py --ckpt=PATH.dcp --export=FILE.pt")
         ckpt["model"] = M.adapt_heads(ckpt["model"], raw, cfg["seed"])
-    if ckpt:
+    if ckpt and "shard" in ckpt:  # an hf: import under FSDP: this rank read its own dim-0 chunks only
+        load_shards(raw, ckpt["model"])
+    elif ckpt:
         restore(ckpt, raw, s.optimizer if resuming else None)
     if resuming:
         s.scaler.load_state_dict(ckpt["scaler"])
