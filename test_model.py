@@ -627,6 +627,8 @@ def dist_worker(phase, data_root, out):
         run("hf", parallel="fsdp", init_from=f"hf:{out / 'hf_llama'}", max_iters=0, n_layer=None, n_embd=None, n_head=None,
             n_kv_head=None, block_size=None)
         res["rows"] = rows
+        run("hf_ckpt", parallel="fsdp", init_from=f"hf:{out / 'hf_llama'}", max_iters=1, warmup_iters=0, n_layer=None,
+            n_embd=None, n_head=None, n_kv_head=None, block_size=None)  # leaves a sharded best.dcp to export
     elif phase == "die":  # rank 1 dies at its 3rd batch; rank 0 must not hang in the next collective
         if rank == 1:
             calls, real = [0], data.windows
@@ -764,6 +766,12 @@ def test_hf_import_under_fsdp_reads_only_local_shards(data_root, tmp_path):
     p = torchrun("hf", data_root, tmp_path)
     assert_close_states(p["hf"]["state"], single.state_dict(), atol=0)  # the same weights as a single process
     assert p["rows"]["tok_emb.weight"] == 150 and p["rows"]["blocks.0.attn.kv.weight"] == 16  # half of 300, of 32
+    import sample  # a sharded FSDP checkpoint exports straight to a Hugging Face folder
+    assert sample.main([f"--ckpt={tmp_path / 'hf_ckpt' / 'best.dcp'}", f"--export_hf={tmp_path / 'out_hf'}"]) == 0
+    back, info = t.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out_hf"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    net, _ = sample.load_model(str(tmp_path / "hf_ckpt" / "best.dcp"))
+    assert logit_gap(net, back.eval(), torch.randint(0, 300, (2, 24))) < 1e-5
 
 
 def test_activation_checkpointing_same_loss_and_grads():
