@@ -22,6 +22,7 @@ import torch
 
 import model as M
 from common import UserError, atomic_write
+from parallelize import dim0_shard
 
 ARCHS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "BertForPreTraining": "bert", "BertModel": "bert",
          "BertForSequenceClassification": "bert"}
@@ -273,10 +274,7 @@ def import_state(folder, arch, cfg, shard=None):
         parts = [to_ours(get(n), tf) for n, tf in theirs]
         joined = torch.cat(parts) if len(parts) > 1 else parts[0]
         for k, t in zip(ours, joined.split([rows[k] for k in ours])):
-            if shard:  # torch.chunk, as fully_shard splits dim 0 (a rank past the last chunk holds nothing)
-                chunks = t.chunk(shard[1], dim=0)
-                t = chunks[shard[0]] if shard[0] < len(chunks) else t[:0]
-            state[k] = t.clone() if shard else t.contiguous()
+            state[k] = dim0_shard(t, *shard).clone() if shard else t.contiguous()
         used.update(n for n, _ in theirs)
     head, emb = head_name(arch), groups(cfg, arch, prefix)[0][1][0][0]  # the first group is the embedding
     if cfg.tie_embeddings and cfg.head != "classify":

@@ -64,18 +64,23 @@ def init_params(model, seed, device):
         full = model.init_tensor(name, p.shape, seed, device)
         if hasattr(p, "to_local"):  # an FSDP2 DTensor sharded on dim 0: copy this rank's chunk
             local = p.to_local()
-            chunks = full.chunk(p.device_mesh.size(), dim=0)
-            rank = p.device_mesh.get_local_rank()
             if local.numel():
-                local.copy_(chunks[rank])
+                local.copy_(dim0_shard(full, p.device_mesh.get_local_rank(), p.device_mesh.size()))
         else:
             p.copy_(full)
     model.init_buffers()
 
 
+def dim0_shard(full, rank, world):
+    """This rank's part of a tensor as fully_shard splits it: torch.chunk on dim 0; a rank past the last
+    chunk (more ranks than rows) holds nothing."""
+    chunks = full.chunk(world, dim=0)
+    return chunks[rank] if rank < len(chunks) else full[:0]
+
+
 @torch.no_grad()
 def load_shards(model, chunks):
-    """FSDP: copy each parameter's local chunk (dim 0, as fully_shard splits it; see init_params) from `chunks`,
+    """FSDP: copy each parameter's local chunk (dim0_shard) from `chunks`,
     a state dict of this rank's chunks only (hf.load_checkpoint with shard=(rank, world))."""
     for name, p in model.named_parameters():
         local = p.to_local()
