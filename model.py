@@ -6,7 +6,8 @@ encoder-decoder: relative position bias, RMSNorm, ReLU or gated GELU, decoder bl
 chosen by ModelConfig fields, plus a table of named presets. This file knows nothing about parallelism:
 train.py applies DDP/FSDP, compile and activation checkpointing from outside, per block.
 
-Shapes: B batch, T sequence, C n_embd, H heads, Hkv key/value heads, D head dim, V vocab.
+Shapes: B batch, T sequence (S: an encoder-decoder's source), C n_embd, H heads, Hkv key/value heads, D head
+dim, V vocab.
 """
 import math
 import zlib
@@ -25,11 +26,12 @@ class ModelConfig:
     n_head: int = 12
     n_kv_head: int = 0          # 0 means n_head (multi-head); fewer shares K/V across heads (GQA)
     n_embd: int = 768
-    ffn_hidden: int = 0         # 0 means 4*C for gelu, LLaMA's 8/3*C rounded up to multiple_of for swiglu
+    ffn_hidden: int = 0         # 0 means 4*C for gelu/relu, LLaMA's 8/3*C rounded up to multiple_of when gated
     multiple_of: int = 256
     norm: str = "layernorm"     # layernorm | rmsnorm
     mlp: str = "gelu"           # gelu | swiglu | relu (T5) | geglu (T5 v1.1: gelu(gate) * value)
-    pos: str = "learned"        # learned | rope | relative (T5's bias per head for bucketed distances)
+    pos: str = "learned"        # learned | rope | relative: T5's bias per head for bucketed distances, and with
+                                # it T5's init, unscaled attention, and a tied head's input scaled by C^-0.5
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128  # distances beyond share T5's last bucket
     rope_theta: float = 10000.0
@@ -413,10 +415,10 @@ class Transformer(nn.Module):
         else:
             memory = self.drop(self.encode(idx, attn_mask)) if memory is None else memory
             x = self.decode(dec_idx, memory, attn_mask, cache, pos)
-            if self.cfg.tie_embeddings:  # T5 scales the output down before the tied, unit-variance embedding
-                x = x * self.cfg.n_embd ** -0.5
         if self.cfg.head != "lm":
             return self.encoder_heads(x, targets, labels)
+        if self.cfg.pos == "relative" and self.cfg.tie_embeddings:  # T5: before the tied, unit-variance embedding
+            x = x * self.cfg.n_embd ** -0.5
         if targets is None:
             return self.lm_head(x[:, -1:]) if cache is not None else self.lm_head(x), None
         head = self.lm_head
