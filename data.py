@@ -53,9 +53,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common import UserError, atomic_write
-from model import mix_seed
+from model import HEAD_PREFIXES, mix_seed, mlm_positions
 from prepare import get_tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
@@ -279,3 +280,49 @@ def classify_row(c, T, i):
     x = np.full(T, sp.pad, np.int64)
     x[0], x[1:1 + len(body)], x[1 + len(body)] = sp.cls, body, sp.sep
     return dict(idx=x, token_type_ids=np.zeros(T, np.int64), attn_mask=x != sp.pad, labels=np.int64(label))
+
+
+# -----------------------------------------------------------------------------
+# metrics per head, and fitting a pretrained encoder to another head (fine-tuning)
+
+METRICS = {"lm": ("loss",), "mlm_nsp": ("mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc"), "classify": ("loss", "acc")}
+
+
+@torch.no_grad()
+def metric_sums(head, logits, loss, batch):
+    """(sum, count) of each METRICS[head] entry over one batch, flattened to a float64 vector: sums add up
+    across micro-batches, evaluation batches and ranks (one all_reduce), and metrics_from_sums() divides at the end."""
+    if head == "lm":
+        n = (batch["targets"] != -1).sum()
+        return torch.stack([loss.detach().double() * n, n.double()])
+    def ce_acc(lg, y):  # summed cross-entropy, correct predictions and count over the labels != -1
+        lg, y = lg.float().flatten(0, -2), y.flatten()  # masked sums, not lg[y != -1]: fixed shapes, no sync
+        n = (y != -1).sum()
+        ce = F.cross_entropy(lg, y, ignore_index=-1, reduction="none")  # 0 where y == -1
+        return [ce.sum(), n, (lg.argmax(-1) == y).sum(), n]  # argmax is never -1
+    if head == "classify":
+        parts = ce_acc(logits, batch["labels"])
+    else:  # the MLM logits are at mlm_positions: gather the targets the same way
+        t = batch["targets"]
+        parts = ce_acc(logits[0], t.gather(1, mlm_positions(t))) + ce_acc(logits[1], batch["labels"])
+    return torch.stack([v.double() for v in parts])
+
+
+def metrics_from_sums(head, sums):
+    """{name: mean} from metric_sums vectors added up; "loss" is the total (for mlm_nsp L_MLM + L_NSP)."""
+    sums = sums.tolist() if torch.is_tensor(sums) else sums  # train.py reads them to the host itself
+    out = {name: sums[2 * i] / max(sums[2 * i + 1], 1) for i, name in enumerate(METRICS[head])}
+    out["loss"] = sum(v for k, v in out.items() if k.endswith("loss"))
+    return out
+
+
+def adapt_heads(state, model, seed=0):
+    """A checkpoint's state dict made to fit `model` when only the heads differ (an MLM+NSP encoder
+    fine-tuned as a classifier): head weights the model lacks are dropped, heads the checkpoint lacks get
+    their fresh init. Everything else is left as it is, for the strict check that follows."""
+    own = model.state_dict()
+    out = {k: v for k, v in state.items() if k in own or not k.startswith(HEAD_PREFIXES)}
+    for k, v in own.items():
+        if k not in state and k.startswith(HEAD_PREFIXES):
+            out[k] = model.init_tensor(k, v.shape, seed)
+    return out

@@ -1,6 +1,7 @@
 """
-Hugging Face interop: anvil models to and from transformers' GPT2LMHeadModel, LlamaForCausalLM and
-BertForPreTraining (also BertModel, BertForSequenceClassification) folders of config.json plus safetensors.
+Hugging Face interop: anvil models to and from transformers' GPT2LMHeadModel, LlamaForCausalLM,
+BertForPreTraining (also BertModel, BertForSequenceClassification) and T5ForConditionalGeneration folders
+of config.json plus safetensors.
 
     python train.py --init_from=hf:path/to/folder --dataset=mycode   # fine-tune; hf:NAME downloads from the hub
     python sample.py --ckpt=out --export_hf=out-hf                   # a folder from_pretrained() loads
@@ -25,14 +26,18 @@ from common import UserError, atomic_write
 from parallelize import dim0_shard
 
 ARCHS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "BertForPreTraining": "bert", "BertModel": "bert",
-         "BertForSequenceClassification": "bert"}
+         "BertForSequenceClassification": "bert", "T5ForConditionalGeneration": "t5"}
 # config.json fields anvil cannot honour, with the one value it can (absent counts as that value)
 FIXED = {"gpt2": dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False),
          "llama": dict(hidden_act="silu", attention_bias=False, mlp_bias=False, rope_scaling=None),
-         "bert": dict(position_embedding_type="absolute", is_decoder=False, add_cross_attention=False)}
+         "bert": dict(position_embedding_type="absolute", is_decoder=False, add_cross_attention=False),
+         "t5": dict(is_encoder_decoder=True)}
 GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # HF activation -> anvil gelu_approx
+T5_MLP = {"relu": "relu", "gated-gelu": "geglu", "gated-silu": "swiglu"}  # T5's feed_forward_proj -> anvil mlp
 # tensors a Hugging Face file may hold that are derived (causal masks, rotary tables, tied copies), not weights
-DERIVED = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq", "cls.predictions.decoder.bias")
+DERIVED = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq", "cls.predictions.decoder.bias",
+           "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",  # T5: copies of shared.weight
+           "EncDecAttention.relative_attention_bias.weight")  # in some T5 files, unused
 
 
 def need(module, pip):
@@ -55,7 +60,7 @@ def from_hf_config(c):
         if c.get(key, ok) != ok:
             raise UserError(f"config.json sets {key}={c[key]!r}, which anvil does not support ({arch} needs {key}={ok!r})")
     act = c.get("activation_function" if kind == "gpt2" else "hidden_act", "gelu_new" if kind == "gpt2" else "silu")
-    if kind != "llama" and act not in GELU:
+    if kind in ("gpt2", "bert") and act not in GELU:
         raise UserError(f"config.json sets activation {act!r}, which anvil does not support (one of {sorted(GELU)})")
     if kind == "gpt2":
         C = c["n_embd"]
@@ -73,6 +78,20 @@ def from_hf_config(c):
                     n_layer=c["num_hidden_layers"], n_head=H, n_kv_head=c.get("num_key_value_heads") or H, n_embd=C,
                     ffn_hidden=c["intermediate_size"], rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
                     norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=c.get("tie_word_embeddings", False))
+    elif kind == "t5":
+        C, H, ff = c["d_model"], c["num_heads"], c.get("feed_forward_proj", "relu")
+        if c.get("d_kv", C // H) != C // H:
+            raise UserError(f"config.json sets d_kv={c['d_kv']}, which anvil does not support (it must be d_model/num_heads={C // H})")
+        if ff not in T5_MLP:
+            raise UserError(f"config.json sets feed_forward_proj={ff!r}, which anvil does not support (one of {sorted(T5_MLP)})")
+        # transformers 5 keeps tie_word_embeddings true and says whether to scale in scale_decoder_outputs: anvil
+        # ties exactly when it scales (T5 v1.1 neither), and takes an unscaled model's head as its own copy
+        args = dict(M.PRESETS["t5-small"], vocab_size=c["vocab_size"], block_size=c.get("n_positions") or 512,
+                    n_layer=c["num_layers"], n_dec_layer=c.get("num_decoder_layers") or c["num_layers"], n_head=H,
+                    n_embd=C, ffn_hidden=c["d_ff"], mlp=T5_MLP[ff], norm_eps=c.get("layer_norm_epsilon", 1e-6),
+                    relative_attention_num_buckets=c.get("relative_attention_num_buckets", 32),
+                    relative_attention_max_distance=c.get("relative_attention_max_distance", 128),
+                    tie_embeddings=c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True)))
     else:
         classify = arch == "BertForSequenceClassification"
         args = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
@@ -97,12 +116,17 @@ def arch_of(cfg):
     if (not cfg.causal and cfg.post_norm and cfg.type_vocab_size and cfg.head != "lm" and cfg.bias
             and (cfg.norm, cfg.mlp, cfg.pos, cfg.n_kv_head) == ("layernorm", "gelu", "learned", cfg.n_head)):
         return "BertForPreTraining" if cfg.head == "mlm_nsp" else "BertForSequenceClassification"
+    if (cfg.n_dec_layer and (cfg.norm, cfg.bias, cfg.n_kv_head) == ("rmsnorm", False, cfg.n_head) and cfg.mlp in T5_MLP.values()
+            and (cfg.mlp != "geglu" or cfg.gelu_approx == "tanh")):
+        return "T5ForConditionalGeneration"
     raise UserError(f"this model (norm={cfg.norm}, mlp={cfg.mlp}, pos={cfg.pos}, bias={cfg.bias}, causal={cfg.causal}, "
-                    f"head={cfg.head}) is none of GPT-2, LLaMA or BERT, the shapes Hugging Face export supports")
+                    f"head={cfg.head}, n_dec_layer={cfg.n_dec_layer}) is none of GPT-2, LLaMA, BERT or T5, the shapes "
+                    f"Hugging Face export supports")
 
 
-def to_hf_config(cfg, arch, labels=None):
-    """config.json for an anvil ModelConfig of architecture `arch` (see arch_of)."""
+def to_hf_config(cfg, arch, labels=None, start_id=None):
+    """config.json for an anvil ModelConfig of architecture `arch` (see arch_of). start_id: T5's decoder
+    start (and pad) id, if not T5's own 0."""
     d = cfg.dropout
     if arch == "GPT2LMHeadModel":
         c = dict(model_type="gpt2", vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
@@ -116,6 +140,13 @@ def to_hf_config(cfg, arch, labels=None):
                  head_dim=cfg.n_embd // cfg.n_head, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
                  rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
                  hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=d)
+    elif arch == "T5ForConditionalGeneration":
+        c = dict(model_type="t5", vocab_size=cfg.vocab_size, d_model=cfg.n_embd, d_kv=cfg.n_embd // cfg.n_head,
+                 d_ff=cfg.ffn_hidden, num_layers=cfg.n_layer, num_decoder_layers=cfg.n_dec_layer, num_heads=cfg.n_head,
+                 relative_attention_num_buckets=cfg.relative_attention_num_buckets, n_positions=cfg.block_size,
+                 relative_attention_max_distance=cfg.relative_attention_max_distance, dropout_rate=d,
+                 layer_norm_epsilon=cfg.norm_eps, feed_forward_proj={v: k for k, v in T5_MLP.items()}[cfg.mlp],
+                 is_encoder_decoder=True, **({} if start_id is None else dict(pad_token_id=start_id, decoder_start_token_id=start_id)))
     else:
         c = dict(model_type="bert", vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
                  num_attention_heads=cfg.n_head, intermediate_size=cfg.ffn_hidden, max_position_embeddings=cfg.block_size,
@@ -157,6 +188,22 @@ def groups(cfg, arch, prefix="bert."):
                   ([p + "mlp.up.weight"], [(h + "mlp.gate_proj.weight", "id"), (h + "mlp.up_proj.weight", "id")])]  # gate first: MLP's chunk
             g += lin(p + "attn.proj", h + "self_attn.o_proj", bias=False) + lin(p + "mlp.down", h + "mlp.down_proj", bias=False)
         g += lin("norm", "model.norm", bias=False)
+    elif arch == "T5ForConditionalGeneration":
+        g += lin("tok_emb", "shared", bias=False)
+        for stack, ours, n in (("encoder", "", cfg.n_layer), ("decoder", "dec_", cfg.n_dec_layer)):
+            g += lin(ours + "rel_bias", f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias", bias=False)
+            for i in range(n):  # each block a list of layers: self-attention, (cross-attention,) feed-forward
+                p, h = f"{ours}blocks.{i}.", f"{stack}.block.{i}.layer."
+                attns = [("norm1", "attn", "0.SelfAttention")] + ([("norm_cross", "cross", "1.EncDecAttention")] if ours else [])
+                for norm, a, t5 in attns:
+                    g += lin(p + norm, h + t5[0] + ".layer_norm", bias=False) + lin(p + a + ".q", h + t5 + ".q", bias=False)
+                    g += [([p + a + ".kv.weight"], [(h + t5 + ".k.weight", "id"), (h + t5 + ".v.weight", "id")])]
+                    g += lin(p + a + ".proj", h + t5 + ".o", bias=False)
+                f = f"{h}{len(attns)}."
+                wi = ["wi_0", "wi_1"] if cfg.mlp in M.GATED else ["wi"]  # gate first: MLP's chunk
+                g += [([p + "mlp.up.weight"], [(f"{f}DenseReluDense.{w}.weight", "id") for w in wi])]
+                g += lin(p + "norm2", f + "layer_norm", bias=False) + lin(p + "mlp.down", f + "DenseReluDense.wo", bias=False)
+            g += lin(ours + "norm", f"{stack}.final_layer_norm", bias=False)
     else:
         b = prefix
         g += lin("tok_emb", b + "embeddings.word_embeddings", bias=False) + lin("type_emb", b + "embeddings.token_type_embeddings", bias=False)
@@ -269,6 +316,8 @@ def import_state(folder, arch, cfg, shard=None):
         if missing and arch == "BertModel" and ours[0].startswith(M.HEAD_PREFIXES):  # no pretraining heads: fresh ones
             state.update({k: skeleton.init_tensor(k, skeleton.get_parameter(k).shape) for k in ours})
             continue
+        if missing == ["lm_head.weight"] and arch == "T5ForConditionalGeneration":  # tied but unscaled: see from_hf_config
+            theirs, missing = [("shared.weight", "id")], []
         if missing:
             raise UserError(f"{folder} lacks weight {missing[0]!r} that its config.json implies")
         parts = [to_ours(get(n), tf) for n, tf in theirs]
@@ -350,12 +399,22 @@ def export(net, ckpt, out_dir, max_shard_bytes=5 * 2**30):
         write_json(os.path.join(out_dir, "model.safetensors.index.json"),
                    {"metadata": {"total_size": total}, "weight_map": weight_map})
     dtype = str(next(net.parameters()).dtype).split(".")[-1]
-    write_json(os.path.join(out_dir, "config.json"), dict(to_hf_config(cfg, arch, meta.get("labels")), dtype=dtype))
+    config = to_hf_config(cfg, arch, meta.get("labels"), t5_start_id(cfg, meta))
+    write_json(os.path.join(out_dir, "config.json"), dict(config, dtype=dtype))
     note = ""
     if meta.get("tokenizer") == "gpt2" and cfg.vocab_size >= 50257 and cfg.causal:
         note = " and GPT-2's tokenizer" if write_gpt2_tokenizer(out_dir, cfg.block_size) else " (no tokenizer: tiktoken's gpt2 unavailable)"
     print(f"wrote {out_dir}: {arch}, {net.num_params():,} parameters in {len(shards)} file(s){note}")
     return arch
+
+
+def t5_start_id(cfg, meta):
+    """An anvil encoder-decoder's decoder start id: [PAD], as T5's is its pad, when the vocabulary is a corpus's
+    with the specials after it (data.special_ids); else None (T5's own, 0)."""
+    import data
+    if cfg.n_dec_layer and meta.get("vocab_size") and meta["vocab_size"] + data.N_SPECIAL <= cfg.vocab_size:
+        return data.special_ids(meta["vocab_size"]).pad
+    return None
 
 
 def hf_tensors(net, arch):

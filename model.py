@@ -1,11 +1,13 @@
 """
 The whole Transformer in one file: GPT-2 style (learned positions, LayerNorm, GELU, tied
-embeddings), LLaMA style (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied) and BERT style
-(bidirectional, post-LN, segment embeddings, MLM + NSP or classification heads), chosen by
-ModelConfig fields, plus a table of named presets. This file knows nothing about parallelism:
+embeddings), LLaMA style (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied), BERT style
+(bidirectional, post-LN, segment embeddings, MLM + NSP or classification heads) and T5 style (an
+encoder-decoder: relative position bias, RMSNorm, ReLU or gated GELU, decoder blocks with cross-attention),
+chosen by ModelConfig fields, plus a table of named presets. This file knows nothing about parallelism:
 train.py applies DDP/FSDP, compile and activation checkpointing from outside, per block.
 
-Shapes: B batch, T sequence, C n_embd, H heads, Hkv key/value heads, D head dim, V vocab.
+Shapes: B batch, T sequence (S: an encoder-decoder's source), C n_embd, H heads, Hkv key/value heads, D head
+dim, V vocab.
 """
 import math
 import zlib
@@ -24,11 +26,14 @@ class ModelConfig:
     n_head: int = 12
     n_kv_head: int = 0          # 0 means n_head (multi-head); fewer shares K/V across heads (GQA)
     n_embd: int = 768
-    ffn_hidden: int = 0         # 0 means 4*C for gelu, LLaMA's 8/3*C rounded up to multiple_of for swiglu
+    ffn_hidden: int = 0         # 0 means 4*C for gelu/relu, LLaMA's 8/3*C rounded up to multiple_of when gated
     multiple_of: int = 256
     norm: str = "layernorm"     # layernorm | rmsnorm
-    mlp: str = "gelu"           # gelu | swiglu
-    pos: str = "learned"        # learned | rope
+    mlp: str = "gelu"           # gelu | swiglu | relu (T5) | geglu (T5 v1.1: gelu(gate) * value)
+    pos: str = "learned"        # learned | rope | relative: T5's bias per head for bucketed distances, and with
+                                # it T5's init, unscaled attention, and a tied head's input scaled by C^-0.5
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128  # distances beyond share T5's last bucket
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     bias: bool = True
@@ -40,6 +45,7 @@ class ModelConfig:
     type_vocab_size: int = 0    # >0: segment (token type) embeddings added to the input, BERT's sentence A/B
     head: str = "lm"            # lm: next-token logits | mlm_nsp: BERT pretraining | classify: n_labels classes
     n_labels: int = 0           # classes of the classify head, predicted from the pooled first position ([CLS])
+    n_dec_layer: int = 0        # >0: an encoder-decoder (T5): n_layer encoder blocks, then n_dec_layer decoder blocks
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -51,8 +57,8 @@ class ModelConfig:
                              f"n_kv_head must divide n_head")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}")
-        for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
-                             ("pos", ("learned", "rope")), ("gelu_approx", ("tanh", "none")),
+        for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu", "relu", "geglu")),
+                             ("pos", ("learned", "rope", "relative")), ("gelu_approx", ("tanh", "none")),
                              ("head", ("lm", "mlm_nsp", "classify"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
@@ -60,8 +66,13 @@ class ModelConfig:
             raise ValueError(f"head={self.head!r} reads the whole sequence from position 0; it needs causal=False")
         if self.head == "classify" and self.n_labels < 2:
             raise ValueError(f"head='classify' needs n_labels >= 2, got {self.n_labels}")
+        for key, want in (("head", "lm"), ("causal", False), ("pos", "relative"), ("post_norm", False),
+                          ("type_vocab_size", 0)) if self.n_dec_layer else ():
+            if getattr(self, key) != want:
+                raise ValueError(f"an encoder-decoder (n_dec_layer={self.n_dec_layer}) needs {key}={want!r}, "
+                                 f"got {getattr(self, key)!r}")
         if not self.ffn_hidden:
-            if self.mlp == "gelu":
+            if self.mlp in ("gelu", "relu"):
                 self.ffn_hidden = 4 * self.n_embd
             else:
                 h = int(2 * 4 * self.n_embd / 3)
@@ -71,6 +82,8 @@ class ModelConfig:
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=False, bias=False, vocab_size=32000)
 _BERT = dict(causal=False, post_norm=True, gelu_approx="none", norm_eps=1e-12, type_vocab_size=2, head="mlm_nsp",
              vocab_size=30522, block_size=512)
+_T5 = dict(causal=False, pos="relative", norm="rmsnorm", norm_eps=1e-6, mlp="relu", bias=False, vocab_size=32128,
+           block_size=512)
 PRESETS = {
     # the quickstart model: bytes vocabulary, trains on a 2-core CPU in minutes
     "tiny": dict(_LLAMA, vocab_size=257, block_size=256, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,
@@ -90,6 +103,10 @@ PRESETS = {
     "bert-tiny": dict(_BERT, vocab_size=261, block_size=256, n_layer=4, n_head=4, n_embd=128),  # bytes + 4 specials, CPU
     "bert-base": dict(_BERT, n_layer=12, n_head=12, n_embd=768),     # 110,106,428 parameters
     "bert-large": dict(_BERT, n_layer=24, n_head=16, n_embd=1024),   # 336,226,108
+    # T5 (Raffel et al. 2020): counts equal Hugging Face T5ForConditionalGeneration with its 32,128-token vocabulary
+    "t5-tiny": dict(_T5, vocab_size=361, n_layer=4, n_dec_layer=4, n_head=4, n_embd=128),  # bytes+4+100 sentinels, CPU
+    "t5-small": dict(_T5, n_layer=6, n_dec_layer=6, n_head=8, n_embd=512),     # 60,506,624 parameters
+    "t5-base": dict(_T5, n_layer=12, n_dec_layer=12, n_head=12, n_embd=768),   # 222,903,552
 }
 
 
@@ -131,6 +148,25 @@ def apply_rope(x, cos, sin):
     return out.type_as(x)
 
 
+def relative_bias(table, T, pos, bidirectional, cfg):
+    """T5's position bias (1, H, T, pos + T), queries at pos.. over keys 0.., from table (nn.Embedding(buckets, H)):
+    a bucket per distance key - query, exact when small, log-spaced up to max_distance. Bidirectional (encoder):
+    half the buckets for each sign; one-way (decoder): the past only, future keys -inf (the causal mask)."""
+    dev = table.weight.device
+    rel = torch.arange(pos + T, device=dev)[None, :] - torch.arange(pos, pos + T, device=dev)[:, None]  # (T, pos + T)
+    n, bucket = cfg.relative_attention_num_buckets, 0
+    if bidirectional:
+        n //= 2
+        bucket, dist = (rel > 0).long() * n, rel.abs()
+    else:
+        dist = (-rel).clamp(min=0)
+    exact = n // 2  # the same float ops as Hugging Face's T5, so the buckets are equal at the boundaries
+    log = exact + (torch.log(dist.float() / exact) / math.log(cfg.relative_attention_max_distance / exact)
+                   * (n - exact)).long()
+    bias = table(bucket + torch.where(dist < exact, dist, log.clamp(max=n - 1))).permute(2, 0, 1)[None]
+    return bias if bidirectional else bias.masked_fill(rel > 0, float("-inf"))
+
+
 try:  # enable_gqa (torch 2.5+): SDPA lets each K/V head serve its group of query heads, without copies
     F.scaled_dot_product_attention(*torch.zeros(3, 1, 1, 1, 1), enable_gqa=True)
     SDPA_GQA = True
@@ -147,15 +183,24 @@ class Attention(nn.Module):
         self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True  # scaled init, see Transformer.init_tensor
+        self.scale = 1.0 if cfg.pos == "relative" else None  # T5 folds 1/sqrt(D) into q's init instead
 
-    def forward(self, x, rope=None, cache=None, pos=0, attn_mask=None):
+    def forward(self, x, rope=None, cache=None, pos=0, attn_mask=None, memory=None):
+        """Self-attention over x (B, T, C), or with memory (B, S, C) cross-attention: keys and values from
+        memory. attn_mask: bool (True: attend) or float (added to the scores: T5's position bias)."""
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k, v = self.kv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, Hkv, T, D)
+        if memory is not None and cache:  # cross-attention while generating: K/V kept from the first step
+            k, v = cache["k"], cache["v"]
+        else:
+            src = x if memory is None else memory
+            k, v = self.kv(src).view(B, src.size(1), 2, self.n_kv_head, -1).permute(2, 0, 3, 1, 4)  # (B, Hkv, S, D)
         if rope is not None:
             cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # KV cache for generation: write this chunk, attend over all so far
+        if memory is not None and cache is not None:
+            cache.update(k=k, v=v)
+        elif cache is not None:  # KV cache for generation: write this chunk, attend over all so far
             cache["k"][:, :, pos:pos + T] = k
             cache["v"][:, :, pos:pos + T] = v
             k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
@@ -171,44 +216,52 @@ class Attention(nn.Module):
         if grouped and not native:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scale,
                                            dropout_p=self.cfg.dropout if self.training else 0.0,
                                            **({"enable_gqa": True} if native else {}))
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y)
 
 
+GATED = ("swiglu", "geglu")  # the MLPs whose activation gates a second (value) projection
+
+
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.swiglu, self.gelu_approx = cfg.mlp == "swiglu", cfg.gelu_approx
-        self.up = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.ffn_hidden, bias=cfg.bias)
+        self.kind, self.gelu_approx = cfg.mlp, cfg.gelu_approx
+        self.up = nn.Linear(cfg.n_embd, (2 if cfg.mlp in GATED else 1) * cfg.ffn_hidden, bias=cfg.bias)
         self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
         self.down.residual = True
 
     def forward(self, x):
-        h = self.up(x)  # (B, T, F) or (B, T, 2F) for SwiGLU's gate and value halves
-        if self.swiglu:
-            gate, val = h.chunk(2, dim=-1)
-            h = F.silu(gate) * val
+        h = self.up(x)  # (B, T, F), or (B, T, 2F): a gated unit's gate and value halves
+        gate, val = h.chunk(2, dim=-1) if self.kind in GATED else (h, None)
+        if self.kind == "swiglu":
+            h = F.silu(gate)
         else:
-            h = F.gelu(h, approximate=self.gelu_approx)
-        return self.down(h)
+            h = F.relu(gate) if self.kind == "relu" else F.gelu(gate, approximate=self.gelu_approx)
+        return self.down(h if val is None else h * val)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, cross=False):
         super().__init__()
         self.norm1, self.attn = Norm(cfg), Attention(cfg)
+        if cross:  # an encoder-decoder's decoder block: attention over the encoder's output, between the two
+            self.norm_cross, self.cross = Norm(cfg), Attention(cfg)
         self.norm2, self.mlp = Norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.post_norm = cfg.post_norm
 
-    def forward(self, x, rope=None, cache=None, pos=0, attn_mask=None):
+    def forward(self, x, rope=None, cache=None, pos=0, attn_mask=None, memory=None, memory_mask=None):
         if self.post_norm:  # BERT: normalise the sum, so the residual stream itself is normalised
             x = self.norm1(x + self.drop(self.attn(x, rope, cache, pos, attn_mask)))
             return self.norm2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.norm1(x), rope, cache, pos, attn_mask))
+        if memory is not None:
+            x = x + self.drop(self.cross(self.norm_cross(x), cache=cache["cross"] if cache is not None else None,
+                                         attn_mask=memory_mask, memory=memory))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -275,6 +328,11 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = Norm(cfg)  # the final norm, or with post_norm the embedding norm
+        if cfg.pos == "relative":  # T5: computed once per stack, shared by its blocks
+            self.rel_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.n_head)
+        if cfg.n_dec_layer:  # the decoder: its own blocks, bias and final norm; the embedding is shared
+            self.dec_blocks = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_dec_layer))
+            self.dec_rel_bias, self.dec_norm = nn.Embedding(cfg.relative_attention_num_buckets, cfg.n_head), Norm(cfg)
         # heads: only the ones this config uses exist, so DDP never sees an unused parameter
         C = cfg.n_embd
         if cfg.head != "lm":  # BERT's pooler: the first position ([CLS]) through dense + tanh
@@ -302,10 +360,14 @@ class Transformer(nn.Module):
             return torch.ones(shape, device=device) if leaf == "weight" else torch.zeros(shape, device=device)
         if leaf == "bias":
             return torch.zeros(shape, device=device)
-        # GPT-2 scales the residual projections down so that the pre-LN residual stream does not grow with
-        # depth; post-LN renormalises every sum, and BERT draws everything with 0.02
-        scaled = getattr(module, "residual", False) and not self.cfg.post_norm
-        std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if scaled else 0.02
+        if self.cfg.pos == "relative":  # T5's: unit embeddings, else 1/sqrt(fan in); q also 1/sqrt(D): unscaled attention
+            fan_in = shape[-1] if isinstance(module, nn.Linear) else self.cfg.n_embd
+            std = 1.0 if name == "tok_emb.weight" else fan_in ** -0.5
+            std *= (self.cfg.n_embd // self.cfg.n_head) ** -0.5 if name.endswith(".q.weight") else 1.0
+        else:  # GPT-2 scales the residual projections down so that the pre-LN residual stream does not grow
+            # with depth; post-LN renormalises every sum, and BERT draws everything with 0.02
+            scaled = getattr(module, "residual", False) and not self.cfg.post_norm
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if scaled else 0.02
         g = torch.Generator(device=device).manual_seed(mix_seed(seed, zlib.crc32(name.encode())))
         return torch.randn(shape, generator=g, device=device) * std
 
@@ -332,7 +394,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: list | None = None, pos: int = 0,
                 attn_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> tuple:
+                labels: torch.Tensor | None = None, dec_idx: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None) -> tuple:
         """idx (B, T) token ids. targets (B, T): next tokens (head lm) or the original ids at the positions
         chosen for MLM, -1 elsewhere (ignored). attn_mask (B, T) bool, True at real tokens: padding keys are
         never attended. token_type_ids (B, T) segment ids. labels (B,): NSP (0 IsNext, 1 NotNext) or class.
@@ -341,7 +404,35 @@ class Transformer(nn.Module):
         never forms them; under no_grad, evaluation, they are returned); mlm_nsp (mlm (B, T, V) without targets;
         with targets (B, K, V) at mlm_positions(targets), K = mlm_slots(T): each row's chosen positions in order,
         then filler slots whose target is -1; a row may choose at most K positions (data.mask_tokens never
-        chooses more): more would leave the loss; nsp (B, 2)); classify (B, n_labels)."""
+        chooses more): more would leave the loss; nsp (B, 2)); classify (B, n_labels).
+        An encoder-decoder: idx (B, S) the source, attn_mask (B, S) its padding, dec_idx (B, T) the decoder's input
+        (start id, then the target shifted right), targets (B, T); logits and loss as head lm's, over the decoder's
+        positions (cache and pos are the decoder's). memory: the encoder's output (B, S, C), from generate()."""
+        if not self.cfg.n_dec_layer:
+            x = self.encode(idx, attn_mask, cache, pos, token_type_ids)
+        elif dec_idx is None:
+            raise ValueError("an encoder-decoder needs dec_idx, the decoder's input ids")
+        else:
+            memory = self.drop(self.encode(idx, attn_mask)) if memory is None else memory
+            x = self.decode(dec_idx, memory, attn_mask, cache, pos)
+        if self.cfg.head != "lm":
+            return self.encoder_heads(x, targets, labels)
+        if self.cfg.pos == "relative" and self.cfg.tie_embeddings:  # T5: before the tied, unit-variance embedding
+            x = x * self.cfg.n_embd ** -0.5
+        if targets is None:
+            return self.lm_head(x[:, -1:]) if cache is not None else self.lm_head(x), None
+        head = self.lm_head
+        if LOSS_CHUNK_BYTES and torch.is_grad_enabled() and head.weight.requires_grad:  # training: fused
+            dev = x.device.type  # the matmuls' dtype: what autocast would give nn.Linear
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            return None, LinearCrossEntropy.apply(x.flatten(0, 1), head.weight, head.bias, targets.flatten(), dtype)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def encode(self, idx, attn_mask=None, cache=None, pos=0, token_type_ids=None):
+        """The embeddings and `blocks`, to the hidden states (B, T, C) after the final norm: a decoder-only
+        model's or BERT's whole body, an encoder-decoder's encoder."""
         B, T = idx.shape
         if pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={self.cfg.block_size}")
@@ -357,23 +448,26 @@ class Transformer(nn.Module):
             if self.cfg.causal:
                 raise ValueError("a padding mask is for the bidirectional model (causal=False)")
             attn_mask = attn_mask[:, None, None, :]
+        if self.cfg.pos == "relative":  # the bias as a float mask, padding keys -inf in it: (1 or B, H, T, pos + T)
+            bias = relative_bias(self.rel_bias, T, pos, not self.cfg.causal, self.cfg)
+            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
         rope = (self.rope_cos.to(x.device), self.rope_sin.to(x.device)) if self.cfg.pos == "rope" else None
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache[i] if cache is not None else None, pos, attn_mask)
-        if not self.cfg.post_norm:
-            x = self.norm(x)
-        if self.cfg.head != "lm":
-            return self.encoder_heads(x, targets, labels)
-        if targets is None:
-            return self.lm_head(x[:, -1:]) if cache is not None else self.lm_head(x), None
-        head = self.lm_head
-        if LOSS_CHUNK_BYTES and torch.is_grad_enabled() and head.weight.requires_grad:  # training: fused
-            dev = x.device.type  # the matmuls' dtype: what autocast would give nn.Linear
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            return None, LinearCrossEntropy.apply(x.flatten(0, 1), head.weight, head.bias, targets.flatten(), dtype)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        return x if self.cfg.post_norm else self.norm(x)
+
+    def decode(self, dec_idx, memory, attn_mask=None, cache=None, pos=0):
+        """dec_idx (B, T) at positions pos.. through `dec_blocks`, which also attend to memory (B, S, C), the
+        encoder's output, at its real tokens (attn_mask (B, S)): (B, T, C) after the final norm."""
+        T = dec_idx.size(1)
+        if pos + T > self.cfg.block_size:
+            raise ValueError(f"target of {pos + T} tokens exceeds block_size={self.cfg.block_size}")
+        x = self.drop(self.tok_emb(dec_idx))
+        bias = relative_bias(self.dec_rel_bias, T, pos, False, self.cfg)  # one-way: also the causal mask
+        memory_mask = attn_mask[:, None, None, :] if attn_mask is not None else None  # (B, 1, 1, S)
+        for i, block in enumerate(self.dec_blocks):
+            x = block(x, None, cache[i] if cache is not None else None, pos, bias, memory, memory_mask)
+        return self.drop(self.dec_norm(x))
 
     def encoder_heads(self, x, targets=None, labels=None):
         pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C) from the [CLS] position
@@ -396,17 +490,41 @@ class Transformer(nn.Module):
         return (mlm, nsp), loss
 
     def new_cache(self, batch_size, device, dtype):
+        """Per decoder block: self-attention K/V, and cross-attention's, filled at an encoder-decoder's first step."""
         shape = (batch_size, self.cfg.n_kv_head, self.cfg.block_size, self.cfg.n_embd // self.cfg.n_head)
-        return [dict(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
-                for _ in range(self.cfg.n_layer)]
+        return [dict(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype),
+                     cross={}) for _ in range(self.cfg.n_dec_layer or self.cfg.n_layer)]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_p: float | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
+                 attn_mask: torch.Tensor | None = None, start_id: int | None = None,
+                 stop_id: int | None = None) -> torch.Tensor:
         """Extend idx (B, T) by max_new_tokens. temperature=0 is greedy. With use_cache, keys and values
         are kept per layer so each new token costs one position; when the cache is full the window is
-        re-filled from the last block_size//2 tokens."""
+        re-filled from the last block_size//2 tokens.
+        An encoder-decoder reads idx (B, S) as the source (attn_mask: its padding), runs the encoder once and
+        returns the target alone (B, n), without start_id, the decoder's first input; the cache keeps cross-
+        attention K/V too. With stop_id, a row that has produced it repeats it; n < max_new_tokens when all have."""
+        if self.cfg.n_dec_layer:
+            if start_id is None:
+                raise ValueError("an encoder-decoder's decoder starts from start_id: pass the one it was trained with")
+            B = idx.size(0)
+            out = torch.full((B, 1), start_id, dtype=torch.long, device=idx.device)
+            memory = self.encode(idx, attn_mask)
+            cache = self.new_cache(B, idx.device, memory.dtype) if use_cache else None
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            for t in range(max_new_tokens):  # cached: the newest token alone, at position t
+                step = dict(dec_idx=out[:, -1:], cache=cache, pos=t, memory=memory) if use_cache else dict(dec_idx=out)
+                logits, _ = self(idx, attn_mask=attn_mask, **step)
+                nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B, 1)
+                if stop_id is not None:
+                    nxt = nxt.masked_fill(done[:, None], stop_id)
+                    done |= nxt[:, 0] == stop_id
+                out = torch.cat((out, nxt), dim=1)
+                if done.all():
+                    break
+            return out[:, 1:]
         if not self.cfg.causal:
             raise ValueError("generate() needs a causal model; this one is bidirectional")
         cache, pos = None, 0
@@ -458,64 +576,25 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics per head, and fitting a pretrained encoder to another head (fine-tuning)
-
-METRICS = {"lm": ("loss",), "mlm_nsp": ("mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc"), "classify": ("loss", "acc")}
+# the heads' parameters: what data.adapt_heads fits to another head, hf.py's BertModel import leaves fresh
 HEAD_PREFIXES = ("lm_head.", "mlm_", "nsp_head.", "pooler.", "cls_head.")
-
-
-@torch.no_grad()
-def metric_sums(head, logits, loss, batch):
-    """(sum, count) of each METRICS[head] entry over one batch, flattened to a float64 vector: sums add up
-    across micro-batches, evaluation batches and ranks (one all_reduce), and metrics_from_sums() divides at the end."""
-    if head == "lm":
-        n = (batch["targets"] != -1).sum()
-        return torch.stack([loss.detach().double() * n, n.double()])
-    def ce_acc(lg, y):  # summed cross-entropy, correct predictions and count over the labels != -1
-        lg, y = lg.float().flatten(0, -2), y.flatten()  # masked sums, not lg[y != -1]: fixed shapes, no sync
-        n = (y != -1).sum()
-        ce = F.cross_entropy(lg, y, ignore_index=-1, reduction="none")  # 0 where y == -1
-        return [ce.sum(), n, (lg.argmax(-1) == y).sum(), n]  # argmax is never -1
-    if head == "classify":
-        parts = ce_acc(logits, batch["labels"])
-    else:  # the MLM logits are at mlm_positions: gather the targets the same way
-        t = batch["targets"]
-        parts = ce_acc(logits[0], t.gather(1, mlm_positions(t))) + ce_acc(logits[1], batch["labels"])
-    return torch.stack([v.double() for v in parts])
-
-
-def metrics_from_sums(head, sums):
-    """{name: mean} from metric_sums vectors added up; "loss" is the total (for mlm_nsp L_MLM + L_NSP)."""
-    sums = sums.tolist() if torch.is_tensor(sums) else sums  # train.py reads them to the host itself
-    out = {name: sums[2 * i] / max(sums[2 * i + 1], 1) for i, name in enumerate(METRICS[head])}
-    out["loss"] = sum(v for k, v in out.items() if k.endswith("loss"))
-    return out
-
-
-def adapt_heads(state, model, seed=0):
-    """A checkpoint's state dict made to fit `model` when only the heads differ (an MLM+NSP encoder
-    fine-tuned as a classifier): head weights the model lacks are dropped, heads the checkpoint lacks get
-    their fresh init. Everything else is left as it is, for the strict check that follows."""
-    own = model.state_dict()
-    out = {k: v for k, v in state.items() if k in own or not k.startswith(HEAD_PREFIXES)}
-    for k, v in own.items():
-        if k not in state and k.startswith(HEAD_PREFIXES):
-            out[k] = model.init_tensor(k, v.shape, seed)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # FLOPs per token: one implementation, for train.py's MFU and bench.py (the hardware's peaks: common.py)
 
-def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True,
+                    dec_len: int | None = None) -> float:
     """Matmul FLOPs per token (2 per multiply-add), attention scores included: every Linear in the
     blocks and the heads, plus Q@K^T and P@V over the full seq_len window (as the dense kernels
-    compute them). Training counts forward + backward = 3x forward. Embedding lookups are free."""
+    compute them). Training counts forward + backward = 3x forward. Embedding lookups are free.
+    An encoder-decoder's token is any of a pair's seq_len source and dec_len (default seq_len) target
+    tokens: the pair's FLOPs divided by seq_len + dec_len."""
     T = seq_len or cfg.block_size
     C, D, L = cfg.n_embd, cfg.n_embd // cfg.n_head, cfg.n_layer
-    attn_linear = C * cfg.n_head * D + C * 2 * cfg.n_kv_head * D + C * C
-    mlp_linear = C * cfg.ffn_hidden * (3 if cfg.mlp == "swiglu" else 2)
+    kv_linear = C * 2 * cfg.n_kv_head * D
+    attn_linear = C * cfg.n_head * D + kv_linear + C * C
+    mlp_linear = C * cfg.ffn_hidden * (3 if cfg.mlp in GATED else 2)
     attn_scores = 2 * cfg.n_head * D * T  # (q . k) and (p . v) per query position
     # the MLM head (transform + decoder) runs at mlm_slots(T) positions of each row's T; pooler, NSP and
     # classifier once per row
@@ -523,4 +602,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool
             "mlm_nsp": (mlm_slots(T) * (C * C + C * cfg.vocab_size) + C * C + C * 2) / T,
             "classify": (C * C + C * cfg.n_labels) / T}[cfg.head]
     fwd = 2 * (L * (attn_linear + mlp_linear + attn_scores) + head)
+    if cfg.n_dec_layer:  # per target token: self- and cross-attention (over the T source tokens), MLP, head; the
+        # cross-attention's keys and values are per source token
+        Td, Ld = dec_len or T, cfg.n_dec_layer
+        dec = Ld * (2 * attn_linear - kv_linear + mlp_linear + 2 * cfg.n_head * D * (Td + T)) + head
+        fwd = 2 * (T * (L * (attn_linear + mlp_linear + attn_scores) + Ld * kv_linear) + Td * dec) / (T + Td)
     return 3 * fwd if training else fwd

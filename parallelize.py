@@ -25,7 +25,7 @@ def build_model(cfg, mcfg, rt):
 def parallelize(model, cfg, rt):
     """Activation checkpointing, compile, FSDP2 and DDP, in that order: the one place that applies them.
     The model itself knows nothing of them, and its parameter names stay unchanged (no _orig_mod.)."""
-    for block in model.blocks:
+    for block in blocks_of(model):
         if cfg["activation_checkpointing"] == "full":
             checkpointed(block)
         if rt.compile and rt.parallel == "fsdp":  # per block, so FSDP can overlap communication
@@ -40,7 +40,7 @@ def parallelize(model, cfg, rt):
             from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(rt.device.type, (rt.world,))
         mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
-        for block in model.blocks:  # blocks get the root's low-precision activations; RoPE's tables stay fp32
+        for block in blocks_of(model):  # blocks get the root's low-precision activations; RoPE's tables stay fp32
             fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32,
                                                                           cast_forward_inputs=False))
         fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -48,6 +48,12 @@ def parallelize(model, cfg, rt):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
     return model
+
+
+def blocks_of(model):
+    """Every Transformer block, of every stack (an encoder-decoder's encoder, then its decoder): the
+    units of activation checkpointing, per-block compile and FSDP sharding."""
+    return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
 def checkpointed(block):

@@ -22,6 +22,7 @@ import common
 import data
 import hf
 import model as M
+from parallelize import blocks_of
 import prepare
 import train
 
@@ -29,11 +30,14 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent
 TIKTOKEN_CACHE = REPO.parent / "shared" / "tiktoken-cache"  # the repo's ../shared, with gpt2 in it
 
-# a small GPT-2 style and a small LLaMA style (GQA) config, for quick checks of both paths
+# a small GPT-2 style and a small LLaMA style (GQA) config, for quick checks of both paths; and a decoder-only
+# model with T5's relative position bias, whose causal mask is in the bias
 SMALL = {
     "gpt2": dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32),
     "llama": dict(M.PRESETS["llama-50m"], vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
                   n_embd=32, multiple_of=16),
+    "relative": dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, pos="relative", norm="rmsnorm",
+                     mlp="relu", bias=False, relative_attention_num_buckets=8, relative_attention_max_distance=16),
 }
 
 
@@ -79,7 +83,7 @@ def test_shapes(style):
         m(torch.zeros(1, 33, dtype=torch.long))
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("style", ["gpt2", "llama", "relative"])
 def test_causality(style):
     m = small_model(style)
     x = torch.randint(0, 97, (2, 24))
@@ -142,7 +146,7 @@ def test_gqa_equals_mha_with_repeated_kv():
     torch.testing.assert_close(g(x, rope), m(x, rope), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("style", ["gpt2", "llama", "relative"])
 def test_kv_cache_greedy_equals_full_recompute(style):
     m = small_model(style)
     prompt = torch.randint(0, 97, (2, 5))
@@ -920,7 +924,7 @@ def test_bert_heads_and_losses():
     torch.testing.assert_close(mlm[1:, 0], full[1:, 2], atol=1e-5, rtol=1e-5)
     ce = torch.nn.functional.cross_entropy
     torch.testing.assert_close(loss, ce(full[t != -1], x[t != -1]) + ce(nsp, nsp_y), atol=1e-5, rtol=1e-5)
-    s = M.metrics_from_sums("mlm_nsp", M.metric_sums("mlm_nsp", (mlm, nsp), loss, {"idx": x, "targets": t, "labels": nsp_y}))
+    s = data.metrics_from_sums("mlm_nsp", data.metric_sums("mlm_nsp", (mlm, nsp), loss, {"idx": x, "targets": t, "labels": nsp_y}))
     assert s["loss"] == pytest.approx(loss.item(), abs=1e-5) and s["nsp_loss"] == pytest.approx(ce(nsp, nsp_y).item(), abs=1e-5)
     assert 0 <= s["mlm_acc"] <= 1 and s["nsp_acc"] in (0, 1 / 3, 2 / 3, 1)
     assert m.lm_head.weight is m.tok_emb.weight and m.lm_head.bias is not None  # tied decoder, own bias
@@ -980,12 +984,12 @@ def test_logits_equal_huggingface_bert():
 def test_adapt_heads_for_finetuning():
     pre = bert_small()
     cls = bert_small(seed=1, head="classify", n_labels=3)
-    state = M.adapt_heads(pre.state_dict(), cls, seed=0)
+    state = data.adapt_heads(pre.state_dict(), cls, seed=0)
     assert set(state) == set(cls.state_dict())  # MLM / NSP heads dropped, the new head from its init
     assert torch.equal(state["cls_head.weight"], cls.init_tensor("cls_head.weight", (3, 32), 0))
     assert torch.equal(state["pooler.weight"], pre.pooler.weight) and torch.equal(state["blocks.0.attn.q.weight"], pre.blocks[0].attn.q.weight)
     bad = dict(pre.state_dict(), **{"blocks.9.attn.q.weight": torch.zeros(1)})  # not a head: kept, for the strict check
-    assert "blocks.9.attn.q.weight" in M.adapt_heads(bad, cls)
+    assert "blocks.9.attn.q.weight" in data.adapt_heads(bad, cls)
 
 
 def test_stdlib_modules_demo_task(tmp_path):
@@ -1235,16 +1239,16 @@ def test_mlm_gather_equals_boolean_indexing():
     keep = t != -1
     mlm_loss, mlm_acc = F.cross_entropy(full[keep], t[keep]), (full[keep].argmax(-1) == t[keep]).float().mean()
     torch.testing.assert_close(loss, mlm_loss + F.cross_entropy(nsp, labels), atol=1e-5, rtol=1e-5)
-    sums = M.metric_sums("mlm_nsp", (mlm, nsp), loss, {"idx": x, "targets": t, "labels": labels})
+    sums = data.metric_sums("mlm_nsp", (mlm, nsp), loss, {"idx": x, "targets": t, "labels": labels})
     assert sums[1] == sums[3] == keep.sum() and sums[5] == sums[7] == B
-    got = M.metrics_from_sums("mlm_nsp", sums)
+    got = data.metrics_from_sums("mlm_nsp", sums)
     assert got["mlm_loss"] == pytest.approx(mlm_loss.item(), abs=1e-5) and 0 < mlm_acc < 1
     assert got["mlm_acc"] == pytest.approx(mlm_acc.item())
     assert got["nsp_acc"] == pytest.approx((nsp.argmax(-1) == labels).float().mean().item())
     c = bert_small(head="classify", n_labels=5)  # classify, with an ignored label
     y = torch.tensor([1, -1, 3, 3])
     logits, loss = c(x, labels=y)
-    got = M.metrics_from_sums("classify", M.metric_sums("classify", logits, loss, {"idx": x, "labels": y}))
+    got = data.metrics_from_sums("classify", data.metric_sums("classify", logits, loss, {"idx": x, "labels": y}))
     keep = y != -1
     assert got["loss"] == pytest.approx(F.cross_entropy(logits[keep], y[keep]).item(), abs=1e-5)
     assert got["acc"] == pytest.approx((logits[keep].argmax(-1) == y[keep]).float().mean().item())
@@ -1299,7 +1303,7 @@ def test_compile_mlm_nsp_one_graph_for_any_mask_count():
         (mlm, nsp), loss = compiled(x, t, **kw)
         loss.backward()
         torch.testing.assert_close(loss, m(x, t, **kw)[1], atol=1e-5, rtol=1e-5)
-        sums = M.metric_sums("mlm_nsp", (mlm, nsp), loss, dict(kw, idx=x, targets=t))
+        sums = data.metric_sums("mlm_nsp", (mlm, nsp), loss, dict(kw, idx=x, targets=t))
         assert sums[1] == (t != -1).sum()
     assert counter.frame_count == 1
     torch._dynamo.reset()
@@ -1313,7 +1317,7 @@ def test_metric_sums_no_graph_break():
     K = M.mlm_slots(T)
     for head, logits in (("lm", torch.randn(B, T, V)), ("classify", torch.randn(B, 4)),
                          ("mlm_nsp", (torch.randn(B, K, V), torch.randn(B, 2)))):
-        e = torch._dynamo.explain(M.metric_sums)(head, logits, torch.tensor(2.0), dict(idx=x, targets=t, labels=labels))
+        e = torch._dynamo.explain(data.metric_sums)(head, logits, torch.tensor(2.0), dict(idx=x, targets=t, labels=labels))
         assert e.graph_count == 1 and e.graph_break_count == 0, (head, e.break_reasons)
     torch._dynamo.reset()
 
@@ -1560,6 +1564,144 @@ def test_gqa_without_repeated_kv_equals_repeat_interleave(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# encoder-decoder (T5): model, generation, parallel wrappers (Hugging Face parity: with the hf tests)
+
+# 30-token sources exercise the log-spaced buckets (exact below 2 or 4, log up to 20, the last one beyond)
+T5_SMALL = dict(M.PRESETS["t5-tiny"], vocab_size=97, block_size=32, n_layer=2, n_dec_layer=3, n_head=4, n_embd=32,
+                ffn_hidden=48, relative_attention_num_buckets=8, relative_attention_max_distance=20)
+
+
+def t5_small(seed=0, **kw):
+    torch.manual_seed(seed)
+    return M.Transformer(M.ModelConfig(**{**T5_SMALL, **kw})).eval()
+
+
+def t5_batch(seed=0):
+    """Sources (2, 30) whose row 1 is padding from position 19 on, its mask, and decoder inputs (2, 25)."""
+    g = torch.Generator().manual_seed(seed)
+    src, dec = torch.randint(0, 97, (2, 30), generator=g), torch.randint(0, 97, (2, 25), generator=g)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 19:] = False
+    return src, mask, dec
+
+
+@pytest.mark.parametrize("name,count", [("t5-small", 60_506_624), ("t5-base", 222_903_552)])
+def test_t5_param_counts(name, count):
+    with torch.device("meta"):
+        m = M.Transformer(M.config_from_preset(name))
+    assert m.num_params() == count  # T5ForConditionalGeneration's num_parameters(), tied embedding counted once
+
+
+def test_t5_param_counts_equal_transformers():
+    t = hf_libs()
+    for name, kw in (("t5-small", {}), ("t5-base", dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12))):
+        with torch.device("meta"):
+            ours, theirs = M.Transformer(M.config_from_preset(name)), t.T5ForConditionalGeneration(t.T5Config(**kw))
+        assert ours.num_params() == theirs.num_parameters(), name
+
+
+def test_t5_config_errors():
+    with pytest.raises(ValueError, match=r"an encoder-decoder \(n_dec_layer=2\) needs causal=False, got True"):
+        M.ModelConfig(n_dec_layer=2)
+    with pytest.raises(ValueError, match="needs head='lm', got 'classify'"):
+        M.config_from_preset("t5-tiny", head="classify", n_labels=2)
+    with pytest.raises(ValueError, match="needs pos='relative', got 'rope'"):
+        M.config_from_preset("t5-tiny", pos="rope")
+    m = t5_small()
+    src, mask, dec = t5_batch()
+    with pytest.raises(ValueError, match="needs dec_idx"):
+        m(src)
+    with pytest.raises(ValueError, match="decoder starts from start_id"):
+        m.generate(src, 3)
+    with pytest.raises(ValueError, match="target of 33 tokens exceeds block_size=32"):
+        m(src, dec_idx=torch.zeros(2, 33, dtype=torch.long))
+
+
+def test_t5_decoder_causal_encoder_bidirectional():
+    m = t5_small()
+    src, mask, dec = t5_batch()
+    a = m(src, attn_mask=mask, dec_idx=dec)[0]
+    d2 = dec.clone()
+    d2[:, 15:] = (d2[:, 15:] + 1) % 97  # every decoder token from position 15 on
+    b = m(src, attn_mask=mask, dec_idx=d2)[0]
+    assert torch.equal(a[:, :15], b[:, :15]) and not torch.allclose(a[:, 15:], b[:, 15:])
+    s2 = src.clone()
+    s2[0, 17] = (s2[0, 17] + 1) % 97  # a late source token reaches the encoder's earlier positions
+    assert not torch.allclose(m.encode(src, mask)[0, :17], m.encode(s2, mask)[0, :17])
+    assert not torch.allclose(a[0], m(s2, attn_mask=mask, dec_idx=dec)[0][0])
+
+
+def test_t5_encoder_ignores_padding():
+    m = t5_small()
+    src, mask, dec = t5_batch()
+    a = m(src, attn_mask=mask, dec_idx=dec)[0]
+    s2 = src.clone()
+    s2[1, 19:] = (s2[1, 19:] + 7) % 97  # other contents at the padded positions
+    assert torch.equal(a, m(s2, attn_mask=mask, dec_idx=dec)[0])
+    alone = m(src[1:, :19], dec_idx=dec[1:])[0]  # row 1 unpadded, on its own
+    torch.testing.assert_close(a[1:], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a, m(src, dec_idx=dec)[0])  # unmasked, the padding would be read
+
+
+def test_t5_cached_generation_equals_recompute():
+    m = t5_small()
+    src, mask, _ = t5_batch()
+    a = m.generate(src, 20, temperature=0, attn_mask=mask, start_id=96)
+    b = m.generate(src, 20, temperature=0, attn_mask=mask, start_id=96, use_cache=False)
+    assert a.shape == (2, 20) and torch.equal(a, b)
+    # the cached logits themselves match the full forward pass, one token at a time
+    dec = torch.cat([torch.full((2, 1), 96), a], 1)
+    full = m(src, attn_mask=mask, dec_idx=dec)[0]
+    cache, memory = m.new_cache(2, "cpu", torch.float32), m.encode(src, mask)
+    steps = [m(None, cache=cache, pos=i, attn_mask=mask, dec_idx=dec[:, i:i + 1], memory=memory)[0] for i in range(21)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    # stop_id: each row ends at its first stop, then repeats it; all stopped, generation ends
+    stop = a[0, 3].item()
+    c = m.generate(src, 20, temperature=0, attn_mask=mask, start_id=96, stop_id=stop)
+    ends = [(a[r] == stop).nonzero()[0].item() + 1 if (a[r] == stop).any() else 20 for r in range(2)]
+    assert c.size(1) == max(ends)
+    for r in range(2):
+        assert torch.equal(c[r, :ends[r]], a[r, :ends[r]]) and (c[r, ends[r]:] == stop).all()
+
+
+def test_t5_activation_checkpointing_covers_decoder():
+    cfg = dict(train.DEFAULTS, activation_checkpointing="full", compile=False)
+    mcfg = M.ModelConfig(**T5_SMALL)
+    plain = train.build_model(dict(cfg, activation_checkpointing="none"), mcfg, CPU)
+    ac = train.build_model(cfg, mcfg, CPU)
+    assert len(blocks_of(ac)) == 5 and all("forward" in vars(b) for b in blocks_of(ac))
+    assert list(ac.state_dict()) == list(plain.state_dict())
+    src, mask, dec = t5_batch()
+    losses = []
+    for m in (plain, ac):
+        _, loss = m(src, attn_mask=mask, dec_idx=dec, targets=dec.roll(-1, 1))
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == losses[1]
+    for (n, p), q in zip(plain.named_parameters(), ac.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+    assert plain.dec_rel_bias.weight.grad.abs().sum() > 0 and plain.blocks[0].attn.q.weight.grad.abs().sum() > 0
+
+
+def test_t5_init_and_training_loss():
+    m = t5_small()
+    assert abs(m.tok_emb.weight.std().item() - 1.0) < 0.05  # T5's unit-variance embedding
+    assert abs(m.dec_blocks[0].cross.q.weight.std().item() - (32 * 8) ** -0.5) < 0.01  # 1/sqrt(C * D)
+    assert abs(m.blocks[0].mlp.down.weight.std().item() - 48 ** -0.5) < 0.02  # 1/sqrt(fan in)
+    src, mask, dec = t5_batch()
+    targets = dec.roll(-1, 1)
+    targets[:, -3:] = -1
+    m.train()
+    _, fused = m(src, attn_mask=mask, dec_idx=dec, targets=targets)  # training: logits None, the fused loss
+    with torch.no_grad():
+        logits, plain = m(src, attn_mask=mask, dec_idx=dec, targets=targets)
+    assert logits.shape == (2, 25, 97)
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
+    assert abs(plain.item() - np.log(97)) < 1.0  # near uniform at init, thanks to the output scaling
+
+
+# ------------------------------------------------------------------------------------------------
 # FLOPs
 
 @pytest.mark.parametrize("kw", [dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32),
@@ -1580,6 +1722,22 @@ def test_flops_per_token_matches_flop_counter(kw):
             m(x, x)[1].backward()
     assert fwd.get_total_flops() == M.flops_per_token(cfg, T, training=False) * B * T
     assert both.get_total_flops() == M.flops_per_token(cfg, T, training=True) * B * T
+
+
+def test_flops_per_token_matches_flop_counter_encoder_decoder():
+    """As above, for pairs of S source and T target tokens: a token is either kind."""
+    cfg = M.ModelConfig(**T5_SMALL)
+    m = M.Transformer(cfg)
+    B, S, T = 2, 30, 25
+    src, mask, dec = t5_batch()
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fwd, torch.no_grad():
+            m(src, attn_mask=mask, dec_idx=dec, targets=dec)
+        with FlopCounterMode(display=False) as both:
+            m(src, attn_mask=mask, dec_idx=dec, targets=dec)[1].backward()
+    per_pair = B * (S + T)
+    assert fwd.get_total_flops() == pytest.approx(M.flops_per_token(cfg, S, training=False, dec_len=T) * per_pair, rel=1e-12)
+    assert both.get_total_flops() == pytest.approx(M.flops_per_token(cfg, S, training=True, dec_len=T) * per_pair, rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1657,7 +1815,9 @@ def perturb(net, scale=0.1):
 
 
 def hf_reference(arch, seed=0):
-    """A small random Hugging Face model: GPT-2, LLaMA with GQA (4 query heads, 2 key/value heads) or BERT."""
+    """A small random Hugging Face model: GPT-2, LLaMA with GQA (4 query heads, 2 key/value heads), BERT, or T5
+    in T5_SMALL's shape: original (ReLU, tied and scaled) or v1.1 (gated GELU, unscaled; transformers 5 still
+    ties its head)."""
     t = hf_libs()
     torch.manual_seed(seed)
     if arch == "gpt2":
@@ -1665,6 +1825,14 @@ def hf_reference(arch, seed=0):
     elif arch == "llama":
         net = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    elif arch.startswith("t5"):
+        v11 = arch == "t5-v1.1"
+        net = t.T5ForConditionalGeneration(t.T5Config(
+            vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=20,
+            feed_forward_proj="gated-gelu" if v11 else "relu", tie_word_embeddings=not v11))
+        with torch.no_grad():  # unscaled, the unit-variance head gives logits ~sqrt(C): bring them to ~1, as trained
+            net.lm_head.weight.mul_(0.25 if v11 else 1.0)
     else:
         net = t.BertForPreTraining(t.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                 intermediate_size=64, max_position_embeddings=32))
@@ -1672,9 +1840,16 @@ def hf_reference(arch, seed=0):
 
 
 def logit_gap(ours, theirs, x):
-    """max |ours - theirs| over the logits (BERT: MLM and NSP) of the same input ids."""
+    """max |ours - theirs| over the logits (BERT: MLM and NSP) of the same input ids. T5: x is the source,
+    row 1 padded from position 17 on, and reversed the decoder's input."""
     with torch.no_grad():
-        a, b = ours(x)[0], theirs(input_ids=x)
+        if ours.cfg.n_dec_layer:
+            mask = torch.ones_like(x, dtype=torch.bool)
+            mask[1, 17:] = False
+            a = ours(x, attn_mask=mask, dec_idx=x.flip(1))[0]
+            b = theirs(input_ids=x, attention_mask=mask.long(), decoder_input_ids=x.flip(1))
+        else:
+            a, b = ours(x)[0], theirs(input_ids=x)
     a = a if isinstance(a, tuple) else (a,)
     b = (b.prediction_logits, b.seq_relationship_logits) if hasattr(b, "prediction_logits") else (b.logits,)
     return max((p - q).abs().max().item() for p, q in zip(a, b))
@@ -1690,7 +1865,7 @@ def from_hf(folder):
     return m.eval(), ck
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "t5", "t5-v1.1"])
 def test_hf_import_logits_equal(arch, tmp_path):
     ref = hf_reference(arch)
     ref.save_pretrained(tmp_path / "st")
@@ -1699,6 +1874,9 @@ def test_hf_import_logits_equal(arch, tmp_path):
     assert logit_gap(m, ref, x) < 1e-5
     if arch == "llama":
         assert (m.cfg.n_head, m.cfg.n_kv_head, m.cfg.tie_embeddings) == (4, 2, False)
+    if arch.startswith("t5"):  # v1.1 is untied in anvil (its head a copy of the embedding), unscaled
+        v11 = arch == "t5-v1.1"
+        assert (m.cfg.n_dec_layer, m.cfg.mlp, m.cfg.tie_embeddings) == (3, "geglu" if v11 else "relu", not v11)
     # the older pytorch_model.bin format (read with weights_only=True) gives the same weights
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
@@ -1707,22 +1885,30 @@ def test_hf_import_logits_equal(arch, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(m.state_dict().values(), again.state_dict().values()))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied", "bert", "bert-classify"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied", "bert", "bert-classify", "t5", "t5-v1.1"])
 def test_hf_export_loads_in_transformers(arch, tmp_path):
     t = hf_libs()
-    # llama: GQA, untied; llama-tied: as the tiny preset; gpt2: tied; bert-classify: a fine-tuned classifier
+    # llama: GQA, untied; llama-tied: as the tiny preset; gpt2: tied; bert-classify: a fine-tuned classifier;
+    # t5: tied, ReLU; t5-v1.1: untied (both written: transformers 5 then leaves them untied), gated GELU
+    meta = {}
     if arch.startswith("bert"):
         m = perturb(bert_small(**(dict(head="classify", n_labels=3) if arch.endswith("classify") else {})))
+    elif arch.startswith("t5"):
+        m = perturb(t5_small(**(dict(mlp="geglu", tie_embeddings=False) if arch == "t5-v1.1" else {})))
+        meta = dict(tokenizer="bytes", vocab_size=57)  # a corpus's 57 ids, then the 4 specials and sentinels
     else:
         m = perturb(small_model(arch.split("-")[0], tie_embeddings=arch.endswith("tied")))
     shard = 20_000 if arch == "llama" else 5 * 2**30  # llama: many shards and an index, as above 5 GB
-    assert hf.export(m, {}, str(tmp_path), max_shard_bytes=shard) == hf.arch_of(m.cfg)
+    assert hf.export(m, dict(meta=meta), str(tmp_path), max_shard_bytes=shard) == hf.arch_of(m.cfg)
     assert (tmp_path / "model.safetensors.index.json").exists() == (arch == "llama")
-    cls = {"bert": t.BertForPreTraining, "bert-classify": t.BertForSequenceClassification}.get(arch, t.AutoModelForCausalLM)
+    cls = {"bert": t.BertForPreTraining, "bert-classify": t.BertForSequenceClassification,
+           "t5": t.T5ForConditionalGeneration, "t5-v1.1": t.T5ForConditionalGeneration}.get(arch, t.AutoModelForCausalLM)
     ref, info = cls.from_pretrained(str(tmp_path), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     x = torch.randint(0, m.cfg.vocab_size, (2, 24))
     assert logit_gap(m, ref.eval(), x) < 1e-5
+    if meta:  # T5 starts the decoder from pad: anvil's [PAD], 57 + 3
+        assert ref.config.decoder_start_token_id == ref.config.pad_token_id == 60
     back, _ = from_hf(tmp_path)  # anvil -> HF -> anvil: bit for bit
     a, b = m.state_dict(), back.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -1755,6 +1941,19 @@ def test_hf_import_bert_model_without_heads(tmp_path):
 ])
 def test_hf_import_refuses_what_anvil_cannot_represent(tmp_path, change, match):
     hf_reference("llama").save_pretrained(tmp_path)
+    c = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(c, **change)))
+    with pytest.raises(common.UserError, match=match) as e:
+        hf.load_checkpoint(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(d_kv=4), r"d_kv=4, which anvil does not support \(it must be d_model/num_heads=8\)"),
+    (dict(feed_forward_proj="gated-relu"), "feed_forward_proj='gated-relu', which anvil does not support"),
+])
+def test_hf_import_refuses_t5_anvil_cannot_represent(tmp_path, change, match):
+    hf_reference("t5").save_pretrained(tmp_path)
     c = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(c, **change)))
     with pytest.raises(common.UserError, match=match) as e:

@@ -322,7 +322,7 @@ def build(cfg, rt, mcfg, ckpt=None, resuming=False):
         if "model" not in ckpt:
             raise UserError("fine-tuning onto another head needs a .pt checkpoint: export the sharded one with "
                              "python sample.py --ckpt=PATH.dcp --export=FILE.pt")
-        ckpt["model"] = M.adapt_heads(ckpt["model"], raw, cfg["seed"])
+        ckpt["model"] = data.adapt_heads(ckpt["model"], raw, cfg["seed"])
     if ckpt and "shard" in ckpt:  # an hf: import under FSDP: this rank read its own dim-0 chunks only
         load_shards(raw, ckpt["model"])
     elif ckpt:
@@ -349,10 +349,10 @@ def get_batch(run, cfg, rt, step, micro):
 @torch.no_grad()
 def evaluate(model, run, cfg, rt, stop=()):
     """Metrics over eval_iters fixed validation batches per rank: {"loss": the mean loss (mlm_nsp: the
-    total L_MLM + L_NSP), and the head's parts and accuracies, M.METRICS}; None if a signal came (`stop`)."""
+    total L_MLM + L_NSP), and the head's parts and accuracies, data.METRICS}; None if a signal came (`stop`)."""
     model.eval()
     head, B, n = run.mcfg.head, cfg["batch_size"], cfg["eval_iters"] * rt.world  # the same rows at every world size
-    total = torch.zeros(2 * len(M.METRICS[head]), device=rt.device, dtype=torch.float64)
+    total = torch.zeros(2 * len(data.METRICS[head]), device=rt.device, dtype=torch.float64)
     for i in range(rt.rank, n, rt.world):
         if signalled(stop, rt):  # a signal ends the evaluation at once: the checkpoint must not wait for it
             model.train()
@@ -360,9 +360,9 @@ def evaluate(model, run, cfg, rt, stop=()):
         batch = data.to_device(data.eval_batch(run.splits[1], cfg["objective"], run.T, range(i * B, (i + 1) * B), n * B), rt.device)
         with rt.autocast():
             logits, loss = model(**batch)
-        total += M.metric_sums(head, logits, loss, batch)
+        total += data.metric_sums(head, logits, loss, batch)
     model.train()
-    return M.metrics_from_sums(head, to_host(all_reduce_sum(total)))
+    return data.metrics_from_sums(head, to_host(all_reduce_sum(total)))
 
 
 def signalled(stop, rt):
@@ -372,7 +372,7 @@ def signalled(stop, rt):
 
 def forward_backward(s, batches, cfg, rt):
     """Forward and backward over one step's micro-batches, reducing gradients on the last one only, then
-    unscale and clip. Returns (summed loss, gradient norm, summed M.metric_sums, 0 for the lm head)."""
+    unscale and clip. Returns (summed loss, gradient norm, summed data.metric_sums, 0 for the lm head)."""
     A, head, loss_sum, sums = cfg["gradient_accumulation_steps"], s.raw.cfg.head, 0.0, 0
     for micro, batch in enumerate(batches):
         last = micro == A - 1
@@ -381,7 +381,7 @@ def forward_backward(s, batches, cfg, rt):
         with s.model.no_sync() if rt.parallel == "ddp" and not last else nullcontext(), rt.autocast():
             logits, loss = s.model(**batch)
             if head != "lm":  # the loss parts and accuracies, for the log line
-                sums = sums + M.metric_sums(head, logits, loss, batch)
+                sums = sums + data.metric_sums(head, logits, loss, batch)
             loss = loss / A
         s.scaler.scale(loss).backward()
         loss_sum = loss_sum + loss.detach()
@@ -528,7 +528,7 @@ def log_step(s, cfg, rt, meter, loss, lr, dt):
     if s.step % cfg["log_interval"] and s.step != cfg["max_iters"]:
         return
     head = s.raw.cfg.head
-    parts = {k: v for k, v in M.metrics_from_sums(head, to_host(all_reduce_sum(meter.sums))).items() if k != "loss"} if head != "lm" else {}
+    parts = {k: v for k, v in data.metrics_from_sums(head, to_host(all_reduce_sum(meter.sums))).items() if k != "loss"} if head != "lm" else {}
     meter.sums = 0
     tok_s = meter.tokens_per_step / meter.dt_ema
     util, eta = mfu(meter.flops_per_token, tok_s, meter.peak, rt.world), meter.dt_ema * (cfg["max_iters"] - s.step)
