@@ -80,7 +80,7 @@ def labels(runs):
     return out
 
 
-def smooth(ys, frac=0.05):
+def smooth(ys, frac=0.1):
     """An exponential moving average over about frac of the points, debiased at the start (as TensorBoard's)."""
     beta, avg, out = 1 - 1 / max(1.0, frac * len(ys)), 0.0, []
     for i, y in enumerate(ys, 1):
