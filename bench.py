@@ -38,7 +38,7 @@ import torch
 import model as M
 import train
 from common import (UserError, at_least, check_value, destroy_distributed, mfu, nonempty, one_of, peak_flops, provenance,
-                    rule)
+                    rule, state_bytes, unsharded_grads)
 
 OPTIONS = dict(steps=10, warmup=3, synthetic=False, compare=None, json=None, profile=None, peak_tflops=None,
                estimate=None, gpus=1)
@@ -136,7 +136,7 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
         buffers = e * (n_rest + 2 * n_block) + (e + 4) * max(n_block, n_rest)
     else:  # DDP: train.py uses gradient_as_bucket_view=True, so gradients live in the buckets, no second copy
         buffers = 0
-    out = dict(n_params=n, **train.state_bytes(n, world, parallel, unsharded_grads), activations=acts, buffers=buffers)
+    out = dict(n_params=n, **state_bytes(n, world, parallel, unsharded_grads), activations=acts, buffers=buffers)
     # gradients are allocated (zero_grad sets them to None) as the backward pass frees activations, so the
     # peak is at its start (all activations) or at the first block (nearly all gradients, one block's)
     out["total"] = out["params"] + out["optimizer"] + buffers + max(acts, out["grads"] + layer)
@@ -148,7 +148,7 @@ def run_estimate(opts, cfg, emit):
     world = opts["gpus"]
     parallel = cfg["parallel"] if cfg["parallel"] != "auto" else "ddp" if world > 1 else "single"
     dtype = "bfloat16" if cfg["dtype"] == "auto" else cfg["dtype"]  # what 'auto' picks on a recent GPU
-    res = {ac: estimate_memory(mcfg, cfg["batch_size"], mcfg.block_size, world, parallel, dtype, ac, train.unsharded_grads(cfg, parallel))
+    res = {ac: estimate_memory(mcfg, cfg["batch_size"], mcfg.block_size, world, parallel, dtype, ac, unsharded_grads(cfg, parallel))
            for ac in ("none", "full")}
     gib = lambda x: f"{x / 2**30:10.2f}"
     emit(f"{cfg['model']}: {res['none']['n_params']:,} parameters; {parallel} on {world} GPU(s), {dtype}, "
@@ -231,7 +231,7 @@ def report(v, opts, n_variants):
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         mem = dict(peak_bytes=rss, source="peak RSS of the whole process (getrusage ru_maxrss)")
     est = estimate_memory(mcfg, cfg["batch_size"], T, rt.world, rt.parallel, rt.dtype, cfg["activation_checkpointing"],
-                          train.unsharded_grads(cfg, rt.parallel))
+                          unsharded_grads(cfg, rt.parallel))
     return dict(model=cfg["model"], n_params=v["state"].raw.num_params(), model_config=asdict(mcfg), data=v["data"],
                 device=str(rt.device), dtype=str(rt.dtype).split(".")[-1], compile=rt.compile,
                 activation_checkpointing=cfg["activation_checkpointing"], parallel=rt.parallel, world=rt.world,

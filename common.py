@@ -213,6 +213,19 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float, world: int = 1
     return min(1.0, flops_per_token * tokens_per_s / (peak * world))
 
 
+def state_bytes(n_params, world, parallel, unsharded_grads=False):
+    """Bytes per rank of what every parameter costs: fp32 weights and gradients, AdamW's two fp32 moments;
+    sharded over the ranks under FSDP, plus a full fp32 copy of the gradients when FSDP accumulates them
+    unsharded (fsdp_grad_sync='step'). Activations come on top (bench.py --estimate)."""
+    n = n_params / (world if parallel == "fsdp" else 1)
+    return dict(params=4 * n, grads=4 * n + 4 * n_params * unsharded_grads, optimizer=8 * n)
+
+
+def unsharded_grads(cfg, parallel):
+    """Whether FSDP keeps full unsharded gradients between micro-steps (fsdp_grad_sync='step', accumulation)."""
+    return parallel == "fsdp" and cfg["fsdp_grad_sync"] == "step" and cfg["gradient_accumulation_steps"] > 1
+
+
 # -----------------------------------------------------------------------------------------------
 # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; outside it these are no-ops
 
@@ -233,6 +246,11 @@ def all_reduce_sum(t):
         import torch.distributed as dist
         dist.all_reduce(t)
     return t
+
+
+def to_host(t):
+    """Every device-to-host read of the training loop goes through here (a host sync on a GPU): one per step."""
+    return t.tolist()
 
 
 def init_distributed(backend, timeout_minutes):

@@ -19,8 +19,11 @@ A prepared corpus is a folder data/NAME/ holding three files:
                       train_tokens, val_tokens   number of ids in train.bin / val.bin
                       train_docs, val_docs       number of documents in each
                       train_max_id, val_max_id   the largest token id in each (checked against
-                                  the model's vocabulary without reading the files; computed
-                                  once and added by data.max_ids for a corpus made before them)
+                                  the model's vocabulary without reading the files)
+                      train_bytes, val_bytes     the UTF-8 bytes of each split's documents
+                                  (separators excluded): bits per byte divide by them
+                                  (the *_max_id and *_bytes keys are computed once and added by
+                                  data.max_ids for a corpus made before them)
                       source        short description of the inputs
 
 meta.json is written last: a folder without it is not a finished corpus.
@@ -57,7 +60,7 @@ import torch.nn.functional as F
 
 from common import UserError, atomic_write
 from model import HEAD_PREFIXES, mix_seed, mlm_positions
-from prepare import get_tokenizer_from_meta
+from prepare import get_tokenizer_from_meta, text_bytes
 
 # -----------------------------------------------------------------------------
 # reading a prepared corpus
@@ -78,14 +81,18 @@ def load_meta(data_dir):
 
 
 def max_ids(data_dir):
-    """meta.json with train_max_id and val_max_id. prepare.py records them; for an older corpus they are
-    computed here in one chunked pass and cached in meta.json (call it from one rank, before the others read)."""
+    """meta.json with train_max_id, val_max_id, train_bytes and val_bytes. prepare.py records them; for an older
+    corpus they are computed here once and cached in meta.json (call it from one rank, before the others read)."""
     meta = load_meta(data_dir)
-    if "train_max_id" in meta and "val_max_id" in meta:
+    if all(f"{s}_{k}" in meta for s in ("train", "val") for k in ("max_id", "bytes")):
         return meta
     for split in ("train", "val"):
         a = load_split(data_dir, split, meta)
         meta[f"{split}_max_id"] = max(int(a[i:i + (1 << 26)].max()) for i in range(0, len(a), 1 << 26))
+        try:  # decoding needs the tokenizer: without it (tiktoken offline, no cache) no bits per byte
+            meta[f"{split}_bytes"] = text_bytes(Path(data_dir) / f"{split}.bin", meta["dtype"], get_tokenizer_from_meta(meta))
+        except UserError:
+            pass
     try:
         atomic_write(Path(data_dir) / "meta.json", json.dumps(meta, indent=2) + "\n")
     except OSError:  # a read-only corpus: computed again next time

@@ -249,12 +249,27 @@ def prepare(name="pystdlib", inputs=None, tokenizer="bytes", out_dir="data", wor
                 sep_id=tok.sep_id, train_tokens=ntok["train"], val_tokens=ntok["val"],
                 train_docs=ndocs["train"], val_docs=ndocs["val"], train_max_id=maxid["train"], val_max_id=maxid["val"],
                 source=source)
+    meta.update({f"{s}_bytes": text_bytes(folder / f"{s}.bin", dtype, tok) for s in ("train", "val")})  # for bits per byte
     atomic_write(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: it marks the corpus complete
     if not quiet:
         print(f"wrote {folder}: train {ndocs['train']} docs {ntok['train']:,} tokens, "
               f"val {ndocs['val']} docs {ntok['val']:,} tokens ({tok.name}, {np.dtype(dtype).name}) "
               f"in {time.time() - t0:.1f}s")
     return str(folder)
+
+
+def text_bytes(path, dtype, tok, chunk=1 << 24):
+    """The UTF-8 bytes of the documents in a split file (the denominator of bits per byte), decoded a chunk at
+    a time; a chunk ends after a separator, so no character is cut (unless one document is longer than a chunk)."""
+    ids, n, i = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else [], 0, 0
+    while i < len(ids):
+        part = np.asarray(ids[i:i + chunk])
+        ends = np.flatnonzero(part == tok.sep_id)
+        part = part[:ends[-1] + 1] if len(ends) and i + chunk < len(ids) else part
+        text = part[part != tok.sep_id]
+        n += len(text) if tok.name == "bytes" else len(tok.decode(text.tolist()).encode("utf-8"))  # bytes: one per id
+        i += len(part)
+    return n
 
 # -----------------------------------------------------------------------------
 # labelled corpora, for classification fine-tuning (the batches: data.py)
@@ -315,7 +330,8 @@ def prepare_classify(name=CLASSIFY_DEMO, inputs=None, tokenizer="bytes", out_dir
         ids = np.array([i for t, _ in part for i in tok.encode(t) + [tok.sep_id]], dtype=meta["dtype"])
         ids.tofile(folder / f"{split}.bin")
         np.save(folder / f"{split}_labels.npy", np.array([labels.index(lab) for _, lab in part], np.int64))
-        meta.update({f"{split}_tokens": len(ids), f"{split}_docs": len(part), f"{split}_max_id": int(ids.max(initial=0))})
+        meta.update({f"{split}_tokens": len(ids), f"{split}_docs": len(part), f"{split}_max_id": int(ids.max(initial=0)),
+                     f"{split}_bytes": sum(len(t.encode("utf-8")) for t, _ in part)})
     atomic_write(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: it marks the corpus complete
     if not quiet:
         print(f"wrote {folder}: {meta['train_docs']} train / {meta['val_docs']} val examples, {len(labels)} labels")

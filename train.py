@@ -11,13 +11,12 @@ or by --key=value (parsed with ast.literal_eval); `--help` lists them. Each is a
 type and constraint: an unknown key (the closest valid one is named), a wrong type, a value out of
 range or keys that contradict each other stop the run with one line, before any work.
 """
-import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Annotated
 
 import torch
@@ -28,8 +27,9 @@ import prepare
 from parallelize import build_model, load_shards
 from checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
 from common import (UserError, all_reduce_sum, at_least, barrier, below, catch_signals, check_value, destroy_distributed,
-                    device_rule, dir_lock, init_distributed, mfu, nonempty, one_of, parse_config, peak_flops, provenance,
-                    resolve_device, resolve_dtype, usage)
+                    device_rule, dir_lock, init_distributed, nonempty, one_of, parse_config, provenance, resolve_device,
+                    resolve_dtype, to_host, usage)
+from logger import check_logging, log, log_eval, log_start, log_step, open_sinks
 
 # -----------------------------------------------------------------------------------------------
 # defaults: each key's annotation is its type and constraint (common.rule), checked by get_config
@@ -45,6 +45,11 @@ checkpoint_interval: Annotated[int, at_least(0)] = 0  # save every this many ste
 checkpoint_every_minutes: Annotated[float, at_least(0.0)] = 0.0  # also save when this much time has passed since the last save (0: off)
 keep_last: Annotated[int, at_least(1)] = 2            # checkpoints kept (ckpt-STEP.pt / .dcp), plus best.pt; older ones deleted after a save
 max_bad_steps: Annotated[int, at_least(1)] = 10       # stop after this many non-finite (NaN/inf) steps in a row; each one is skipped
+sample_every: Annotated[int, at_least(0)] = 0         # log the model's output on a fixed validation example every this many steps (0: off)
+wandb_log: bool = False                               # also send log.jsonl's records to wandb (pip install wandb; WANDB_MODE=offline works)
+wandb_project: Annotated[str, nonempty] = "anvil"
+wandb_run_name: Annotated[str, nonempty] = None       # None: out_dir's folder name
+tensorboard_dir: Annotated[str, nonempty] = None      # also write log.jsonl's records as TensorBoard events here (pip install tensorboard)
 # data
 data_root: Annotated[str, nonempty] = "data"
 dataset: Annotated[str, nonempty] = "pystdlib"        # data_root/dataset/{train.bin,val.bin,meta.json}, see data.py
@@ -113,6 +118,7 @@ def check_config(cfg):
                         f"={decay}): lower warmup_iters or raise the decay")
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UserError(f"min_lr={cfg['min_lr']} is above learning_rate={cfg['learning_rate']}: lower min_lr")
+    check_logging(cfg)
     if cfg["init_from"] == "scratch":  # else the checkpoint decides the architecture (resolve_run checks it)
         mcfg = model_config(cfg)
         if cfg["seq_len"] > mcfg.block_size:
@@ -270,14 +276,6 @@ def make_optimizer(cfg, model, device):
                              fused=device.type == "cuda")
 
 
-def state_bytes(n_params, world, parallel, unsharded_grads=False):
-    """Bytes per rank of what every parameter costs: fp32 weights and gradients, AdamW's two fp32 moments;
-    sharded over the ranks under FSDP, plus a full fp32 copy of the gradients when FSDP accumulates them
-    unsharded (fsdp_grad_sync='step'). Activations come on top (bench.py --estimate)."""
-    n = n_params / (world if parallel == "fsdp" else 1)
-    return dict(params=4 * n, grads=4 * n + 4 * n_params * unsharded_grads, optimizer=8 * n)
-
-
 def get_lr(cfg, step):
     decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
     if step < cfg["warmup_iters"]:
@@ -286,11 +284,6 @@ def get_lr(cfg, step):
         return cfg["min_lr"]
     ratio = (step - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
-
-
-def unsharded_grads(cfg, parallel):
-    """Whether FSDP keeps full unsharded gradients between micro-steps (fsdp_grad_sync='step', accumulation)."""
-    return parallel == "fsdp" and cfg["fsdp_grad_sync"] == "step" and cfg["gradient_accumulation_steps"] > 1
 
 
 COUNTERS = ("step", "best_val", "bad_evals", "last_eval")  # what a checkpoint carries besides the state dicts
@@ -421,26 +414,19 @@ def train_step(s, batches, cfg, rt, lr, flags=()):
     return loss, flags, sums, bad
 
 
-def to_host(t):
-    """Every device-to-host read of the training loop goes through here (a host sync on a GPU): one per step."""
-    return t.tolist()
-
-
-def eval_step(s, cfg, rt, run, summary, stop):
+def eval_step(s, cfg, rt, run, summary, stop, meter):
     """Evaluate, note the best, checkpoint when due. Returns True when the run ends: early stopping, or a
     signal during the evaluation."""
     metrics = evaluate(s.model, run, cfg, rt, stop)
     if metrics is None:
         return preempt(s, cfg, rt, run, summary)
-    val_loss, parts = metrics["loss"], {k: v for k, v in metrics.items() if k != "loss"}
+    val_loss = metrics["loss"]
     improved = val_loss < s.best_val
     s.best_val, s.bad_evals = (val_loss, 0) if improved else (s.best_val, s.bad_evals + 1)
     s.last_eval = s.step
     summary["evals"].append((s.step, val_loss))
     summary["metrics"] = metrics
-    log(rt, f"step {s.step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
-        + "".join(f", {k} {v:.4f}" for k, v in parts.items()) + f"{' best' if improved else ''}")
-    log_record(rt, cfg, {"step": s.step, "val_loss": val_loss, **{f"val_{k}": v for k, v in parts.items()}})
+    log_eval(s, cfg, rt, meter, metrics, improved)
     if s.step > 0 and (improved or not cfg["checkpoint_interval"]):
         save(s, cfg, rt, run, best=improved)
     if cfg["patience"] and s.bad_evals >= cfg["patience"]:
@@ -480,83 +466,21 @@ def save(s, cfg, rt, run, best=False):
 
 
 # -----------------------------------------------------------------------------------------------
-# logging: the console and out_dir/log.jsonl, from rank 0 only
-
-def log(rt, msg):
-    if rt.master:
-        print(msg, flush=True)
-
-
-def log_record(rt, cfg, rec):
-    if rt.master:
-        with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-
-@dataclass
-class Meter:
-    """Throughput between log lines: the step time's moving average and the metric sums since the last."""
-    tokens_per_step: int
-    flops_per_token: float
-    peak: float
-    t0: float = field(default_factory=time.time)
-    dt_ema: float | None = None
-    sums: object = 0
-
-
-def log_start(s, cfg, rt, run):
-    """The resolved config, the model, device and memory lines; the provenance record opens log.jsonl."""
-    if rt.master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-    log(rt, json.dumps(run.provenance["config"]))  # the resolved config: 'auto' and None replaced by their values
-    log(rt, f"model {cfg['model']}: {s.raw.num_params():,} parameters; {asdict(run.mcfg)}")
-    log_record(rt, cfg, run.provenance)
-    peak, peak_src = peak_flops(rt.device, rt.dtype)
-    meter = Meter(cfg["batch_size"] * cfg["gradient_accumulation_steps"] * rt.world * run.T, M.flops_per_token(run.mcfg, run.T), peak)
-    tf32 = " (TF32 matmuls)" if rt.device.type == "cuda" and rt.dtype == torch.float32 else ""
-    log(rt, f"device {rt.device} {str(rt.dtype).split('.')[-1]}{tf32}, parallel={rt.parallel} world={rt.world}, "
-        f"{meter.tokens_per_step:,} tokens/step, MFU vs {peak / 1e12:.2f} TFLOP/s ({peak_src})")
-    log(rt, "per-rank memory estimate: " + ", ".join(f"{k} {b / 2**30:.2f} GiB" for k, b in
-                                                     state_bytes(s.raw.num_params(), rt.world, rt.parallel, unsharded_grads(cfg, rt.parallel)).items())
-        + " + activations")
-    return meter
-
-
-def log_step(s, cfg, rt, meter, loss, lr, dt):
-    """Every log_interval steps: the console line and a log.jsonl record (loss, lr, tok/s, MFU, ETA)."""
-    meter.dt_ema = dt if meter.dt_ema is None else 0.9 * meter.dt_ema + 0.1 * dt
-    if s.step % cfg["log_interval"] and s.step != cfg["max_iters"]:
-        return
-    head = s.raw.cfg.head
-    parts = {k: v for k, v in data.metrics_from_sums(head, to_host(all_reduce_sum(meter.sums))).items() if k != "loss"} if head != "lm" else {}
-    meter.sums = 0
-    tok_s = meter.tokens_per_step / meter.dt_ema
-    util, eta = mfu(meter.flops_per_token, tok_s, meter.peak, rt.world), meter.dt_ema * (cfg["max_iters"] - s.step)
-    log_record(rt, cfg, {"step": s.step, "loss": round(loss, 4), "lr": lr, "tok_s": round(tok_s), "mfu": round(util, 4),
-                         "ms_step": round(meter.dt_ema * 1000, 1), "eta_s": round(eta), "elapsed_s": round(time.time() - meter.t0, 1),
-                         **{k: round(v, 4) for k, v in parts.items()}})
-    mem = (f", peak memory {torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB allocated "
-           f"{torch.cuda.max_memory_reserved(rt.device) / 2**30:.1f} reserved" if rt.device.type == "cuda" else "")
-    log(rt, f"step {s.step}: loss {loss:.4f}" + "".join(f", {k} {v:.3f}" for k, v in parts.items()) +
-        f", lr {lr:.2e}, {tok_s:,.0f} tok/s, MFU {util:.1%}, {meter.dt_ema * 1000:.1f} ms/step, ETA {eta / 60:.1f} min{mem}")
-
-
-# -----------------------------------------------------------------------------------------------
 
 def train(cfg):
     """Run training with a config dict (checked, and left unchanged). Returns a summary: the training
     losses, the evaluations, the final step, best validation loss and model."""
     rt = setup(check_config(cfg))
     run = resolve_run(cfg, rt)
-    with dir_lock(cfg["out_dir"]) if rt.master else nullcontext():  # one run at a time writes to out_dir
+    with dir_lock(cfg["out_dir"]) if rt.master else nullcontext(), open_sinks(cfg, rt, run) as sinks:  # one run at a time writes to out_dir
         s = build(cfg, rt, run.mcfg, run.ckpt, run.resuming)
-        meter = log_start(s, cfg, rt, run)
+        meter = log_start(s, cfg, rt, run, sinks)
         summary = {"train_losses": [], "evals": [], "stopped_early": False, "bad_steps": 0}
         stop = []  # the signals received
         with catch_signals(stop):
             while True:
                 if (s.step % cfg["eval_interval"] == 0 or s.step == cfg["max_iters"]) and s.step != s.last_eval:
-                    if eval_step(s, cfg, rt, run, summary, stop):
+                    if eval_step(s, cfg, rt, run, summary, stop, meter):
                         break
                 if s.step >= cfg["max_iters"]:
                     break
