@@ -402,11 +402,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_p: float | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
+                 vocab: int | None = None) -> torch.Tensor:
         """Extend idx (B, T) by max_new_tokens. temperature=0 is greedy. With use_cache, keys and values
         are kept per layer so each new token costs one position; when the cache is full the window is
-        re-filled from the last block_size//2 tokens."""
+        re-filled from the last block_size//2 tokens. vocab: draw only ids below it (the tokenizer's; the
+        rows past it pad vocab_size for speed and mean nothing)."""
         if not self.cfg.causal:
             raise ValueError("generate() needs a causal model; this one is bidirectional")
         cache, pos = None, 0
@@ -422,7 +423,7 @@ class Transformer(nn.Module):
                 else:
                     logits, _ = self(idx[:, -1:], cache=cache, pos=pos)
                     pos += 1
-            logits = logits[:, -1, :].float()  # (B, V)
+            logits = logits[:, -1, :vocab].float()  # (B, V), or (B, vocab)
             idx = torch.cat((idx, sample_next(logits, temperature, top_k, top_p, generator)), dim=1)
         return idx
 
