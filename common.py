@@ -51,7 +51,7 @@ def need(module, pip, what="this"):
 def read_jsonl(path, stream=None):
     """Yield (line number, record, bytes of the line) for each non-blank line of a .jsonl file (or of
     `stream`, an open binary file such as a decompressing one, named by path); a line that is not JSON
-    raises a ValueError naming the file and line."""
+    raises a UserError naming the file and line."""
     with open(path, "rb") if stream is None else nullcontext(stream) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -59,7 +59,7 @@ def read_jsonl(path, stream=None):
             try:
                 rec = json.loads(line)
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: not a line of JSON") from None
+                raise UserError(f"{path}:{lineno}: not a line of JSON") from None
             yield lineno, rec, len(line)
 
 

@@ -4,7 +4,7 @@ Turn text into token files that train.py can read.
     python prepare.py                     # built-in corpus: Python stdlib, bytes tokenizer
     python prepare.py --name=notes --input=notes/ --input=more.jsonl --tokenizer=gpt2
     python prepare.py --name=fineweb_edu --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT \\
-                      --tokenizer=gpt2 --val_docs=20000
+                      --tokenizer=gpt2 --val_docs=10000
     python prepare.py --name=notes --input=new_notes/ --append    # more documents, the rest not re-tokenized
 
 Writes the format that data.py documents and reads: data/NAME/{train.bin, val.bin, meta.json}, and for
@@ -35,8 +35,8 @@ import sysconfig
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from itertools import chain
 from fractions import Fraction
+from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,7 +48,8 @@ from readers import check_packages, expand_inputs, hf_documents, iter_documents,
 VAL_EVERY = 20  # the built-in corpora: document i goes to validation when i % VAL_EVERY == 0; fixed, never change
 VAL_FRACTION = 1 / VAL_EVERY  # the default for other corpora: the same rule
 PYSTDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
-SEP_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")  # a tokenizer.json's separator, else
+# a tokenizer.json's separator when no tokenizer_config.json beside it names its eos_token: the first of these it has
+SEP_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
 CHUNK_CHARS = 1 << 20  # documents are tokenized in chunks of about this much text, a few chunks ahead of the writer
 REPORT_AFTER = 5  # seconds to the first progress line; then 5 to 60 s apart, so a long run's log stays short
 
@@ -156,12 +157,12 @@ def hf_tokenizer(path):
     if sep is None:
         raise UserError(f"tokenizer file {path!r} has no end-of-document token: put a tokenizer_config.json with "
                         f"its eos_token beside it, or give it one of {', '.join(SEP_NAMES)}")
-    n = max(vocab.values()) + 1
+    n, batch = max(vocab.values()) + 1, getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast: no offsets
     return SimpleNamespace(
         name=os.path.abspath(path), vocab_size=n, sep_id=sep,
         encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
         # encode_batch releases the GIL and spreads the texts over tokenizers' own threads
-        encode_batch=lambda texts: [np.array(e.ids, np.uint32) for e in tok.encode_batch(texts, add_special_tokens=False)],
+        encode_batch=lambda texts: [np.array(e.ids, np.uint32) for e in batch(texts, add_special_tokens=False)],
         decode=lambda ids: tok.decode([i for i in ids if 0 <= i < n], skip_special_tokens=False))
 
 
@@ -261,8 +262,9 @@ def tokenized(docs, tok, workers=1):
 
 def report(t0, docs, tokens, text_bytes, frac):
     """One progress line on stderr: documents, tokens, MB/s of text and, when the total is known, an ETA."""
-    dt = time.time() - t0
-    eta = f", {100 * frac:.1f}%, ETA {time.strftime('%H:%M:%S', time.gmtime(dt * (1 - frac) / frac))}" if frac else ""
+    dt = max(time.time() - t0, 1e-6)
+    left = dt * max(0, 1 - frac) / frac if frac else 0
+    eta = f", {100 * frac:.1f}%, ETA {int(left // 3600)}:{time.strftime('%M:%S', time.gmtime(left))}" if frac else ""
     print(f"prepare: {docs:,} docs, {tokens:,} tokens, {text_bytes / 1e6 / dt:.1f} MB/s{eta}", file=sys.stderr, flush=True)
 
 # -----------------------------------------------------------------------------
@@ -314,13 +316,13 @@ def write_splits(folder, encoded, is_val, counts, dtype, append=False, progress=
     next_report = progress and progress[0] + REPORT_AFTER
     try:
         with open(paths["train"], "ab", buffering=1 << 20) as ftrain, open(paths["val"], "ab", buffering=1 << 20) as fval:
-            for ids, nbytes, nchars in encoded:
+            for ids, nbytes, utf8 in encoded:
                 split = "val" if is_val(i, counts["val_docs"]) else "train"
                 (fval if split == "val" else ftrain).write(ids.tobytes())
                 counts[f"{split}_tokens"] += len(ids)
                 counts[f"{split}_docs"] += 1
                 counts[f"{split}_max_id"] = max(counts[f"{split}_max_id"], int(ids.max()))
-                i, done, text_bytes = i + 1, done + nbytes, text_bytes + nchars
+                i, done, text_bytes = i + 1, done + nbytes, text_bytes + utf8
                 if progress and time.time() >= next_report:
                     t0, total, total_docs = progress
                     report(t0, i - first, counts["train_tokens"] + counts["val_tokens"], text_bytes,
