@@ -66,7 +66,7 @@ def parse_args(argv):
         arg = argv.pop(0)
         key = arg[2:].partition("=")[0]
         if arg.startswith("--") and "=" not in arg and argv and not argv[0].startswith("--") and (
-                key not in FLAGS or key == "estimate" and argv[0] in M.PRESETS):
+                key not in FLAGS or key == "estimate" and argv[0] in M.PRESETS or key == "prepare" and argv[0].isdigit()):
             arg = f"{arg}={argv.pop(0)}"  # '--gpus 64' -> '--gpus=64'; a lone --key is never valid otherwise
         if arg.startswith("--") and key in opts:
             if "=" not in arg:  # a flag standing alone: --synthetic, --json (stdout), --profile, --estimate
@@ -350,6 +350,8 @@ def main(argv):
     emit = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr)) if to_stdout else print
     with redirect_stdout(sys.stderr) if to_stdout else nullcontext():
         if opts["prepare"]:
+            if rest:
+                raise UserError(f"bench.py --prepare takes no other arguments, got {' '.join(rest)}")
             result = run_prepare(300 if opts["prepare"] is True else opts["prepare"], emit)
         elif opts["estimate"]:
             result = run_estimate(opts, train.get_config(rest), emit)
