@@ -108,18 +108,19 @@ def get_tokenizer(name):
 
     # encode_ordinary: text that happens to contain "<|endoftext|>" stays plain text. In bulk, the same ids
     # as a buffer (encode with no special token allowed is encode_ordinary): no Python int per token, which
-    # holds the GIL; encode_ordinary's own fallback for text that is not valid UTF-8 (lone surrogates)
+    # would hold the GIL
     core, buffer = enc._core_bpe, hasattr(enc._core_bpe, "encode_to_tiktoken_buffer")
 
-    def ids(text):
-        try:
-            return np.frombuffer(core.encode_to_tiktoken_buffer(text, set()), np.uint32) if buffer else \
-                np.array(enc.encode_ordinary(text), np.uint32)
-        except UnicodeEncodeError:
-            return np.array(enc.encode_ordinary(text), np.uint32)
+    def as_array(text):
+        if buffer:
+            try:
+                return np.frombuffer(core.encode_to_tiktoken_buffer(text, set()), np.uint32)
+            except UnicodeEncodeError:  # lone surrogates: encode_ordinary has the fallback
+                pass
+        return np.array(enc.encode_ordinary(text), np.uint32)
 
     return SimpleNamespace(name=name, vocab_size=enc.n_vocab, sep_id=enc.eot_token, encode=enc.encode_ordinary,
-                           decode=decode, encode_batch=lambda texts: [ids(t) for t in texts])
+                           decode=decode, encode_batch=lambda texts: [as_array(t) for t in texts])
 
 
 # LLaMA-3's pre-tokenizer split (cl100k_base's, written without possessive quantifiers)
