@@ -5,6 +5,7 @@ Benchmark anvil's training step, or estimate the memory of a run too big for thi
     python bench.py --model=gpt2 --block_size=256 --batch_size=4 --compare compile=False,compile=True
     python bench.py config/my_run.py --json=bench.json --profile
     python bench.py --estimate llama-7b --gpus 64 --parallel fsdp --batch_size=1
+    python bench.py --prepare=300                        # prepare.py's tokenizing throughput, gpt2 BPE, 300 MB
 
 Every argument that is not a bench option goes to train.get_config, so presets, config files and
 --key=value mean exactly what they mean to train.py, and the model is built by train.py's own
@@ -20,6 +21,9 @@ functions (compile, dtype, activation checkpointing behave the same). Bench opti
   --peak_tflops=X      MFU against X TFLOP/s instead of common.peak_flops (spec table or measured)
   --estimate[=PRESET] --gpus=N   per-GPU memory of params, grads, AdamW state and activations;
                        allocates nothing. --parallel, --dtype, --batch_size, --block_size apply.
+  --prepare[=MB]       tokens/s of prepare.py (gpt2 BPE, 1 and all threads) on MB (300) of text, the
+                       stdlib's .py files repeated as .jsonl, against a plain single-process loop of
+                       encode_ordinary over the same documents; PREPARE_ROUNDS alternating rounds, medians
 A bench option or train.py key that takes a value may also be given as '--key value'.
 """
 import ast
@@ -28,25 +32,29 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext, redirect_stdout
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import torch
 
 import model as M
+import prepare
+import readers
 import train
 from common import (UserError, at_least, check_value, destroy_distributed, mfu, nonempty, one_of, peak_flops, provenance,
                     rule, state_bytes, unsharded_grads)
 
 OPTIONS = dict(steps=10, warmup=3, synthetic=False, compare=None, json=None, profile=None, peak_tflops=None,
-               estimate=None, gpus=1)
+               estimate=None, gpus=1, prepare=None)
 KV = rule("key=value[+key=value...],...", lambda v: all("=" in kv for item in v.split(",") for kv in item.split("+")), ["n_layer"])
 RULES = dict(steps=Annotated[int, at_least(1)], warmup=Annotated[int, at_least(0)], synthetic=bool, compare=Annotated[str, KV],
              json=Annotated[str, nonempty], profile=Annotated[str, nonempty], peak_tflops=Annotated[float, at_least(1e-6)],
-             estimate=Annotated[str, one_of(*M.PRESETS)], gpus=Annotated[int, at_least(1)])
-FLAGS = ("synthetic", "json", "profile", "estimate")  # may stand alone
+             estimate=Annotated[str, one_of(*M.PRESETS)], gpus=Annotated[int, at_least(1)], prepare=Annotated[int, at_least(1)])
+FLAGS = ("synthetic", "json", "profile", "estimate", "prepare")  # may stand alone
 STRINGS = ("compare", "json", "profile", "estimate")  # taken verbatim; the others via ast.literal_eval
 PEAKS = {}  # (device, dtype, threads) -> (peak FLOP/s, where it comes from)
 
@@ -58,7 +66,7 @@ def parse_args(argv):
         arg = argv.pop(0)
         key = arg[2:].partition("=")[0]
         if arg.startswith("--") and "=" not in arg and argv and not argv[0].startswith("--") and (
-                key not in FLAGS or key == "estimate" and argv[0] in M.PRESETS):
+                key not in FLAGS or key == "estimate" and argv[0] in M.PRESETS or key == "prepare" and argv[0].isdigit()):
             arg = f"{arg}={argv.pop(0)}"  # '--gpus 64' -> '--gpus=64'; a lone --key is never valid otherwise
         if arg.startswith("--") and key in opts:
             if "=" not in arg:  # a flag standing alone: --synthetic, --json (stdout), --profile, --estimate
@@ -290,6 +298,48 @@ def run_bench(opts, rest, emit):
     return results[0] if len(results) == 1 else {"variants": results}
 
 
+PREPARE_ROUNDS = 3
+
+
+def run_prepare(mb, emit):
+    """prepare.py's tokens/s with the gpt2 BPE, 1 and min(cpu count, 8) threads, against a plain loop of
+    encode_ordinary over the same documents (read the same way, nothing written), on mb MB of .jsonl made
+    of the stdlib's .py files repeated; the variants alternate their order each round."""
+    tok = prepare.get_tokenizer("gpt2")
+    texts = [Path(f).read_text(encoding="utf-8", errors="replace") for _, f in prepare.pystdlib_files()]
+    threads = min(os.cpu_count() or 1, 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, size = os.path.join(tmp, "docs.jsonl"), 0
+        with open(path, "w") as f:
+            while size < mb * 1e6:
+                line = json.dumps({"text": texts[size % len(texts)]}) + "\n"  # ASCII: bytes == characters
+                size += f.write(line)
+
+        def run(workers):
+            folder = prepare.prepare("bench", [path], tokenizer="gpt2", out_dir=tmp, workers=workers, quiet=True)
+            meta = json.loads(Path(folder, "meta.json").read_text())
+            return meta["train_tokens"] + meta["val_tokens"]
+
+        variants = {"encode_ordinary loop": lambda: sum(len(tok.encode(t)) + 1 for t, _ in readers.iter_documents([path])),
+                    "prepare.py, 1 thread": lambda: run(1), f"prepare.py, {threads} threads": lambda: run(threads)}
+        names, seconds, tokens = list(variants), {v: [] for v in variants}, set()
+        emit(f"{size / 1e6:.0f} MB of text, gpt2 BPE, {PREPARE_ROUNDS} rounds of {', '.join(names)}")
+        for r in range(PREPARE_ROUNDS):
+            for name in names[r % 3:] + names[:r % 3]:
+                t0 = time.perf_counter()
+                tokens.add(variants[name]())
+                seconds[name].append(time.perf_counter() - t0)
+    assert len(tokens) == 1, tokens  # every variant tokenized the same documents to the same count
+    n, base = tokens.pop(), seconds[names[0]]
+    res = {name: dict(seconds=s, tokens_per_s=n / statistics.median(s), speedup=statistics.median(b / a for a, b in zip(s, base)))
+           for name, s in seconds.items()}
+    for name, r in res.items():
+        s = sorted(r["seconds"])
+        emit(f"{name:24s} {statistics.median(s):7.1f} s [{s[0]:.1f} {s[-1]:.1f}] {r['tokens_per_s']:12,.0f} tokens/s "
+             f"{r['speedup']:5.2f}x")
+    return dict(mb=size / 1e6, tokens=n, variants=res)
+
+
 def main(argv):
     if {"-h", "--help"} & set(argv):  # bench's own options; the rest are train.py's (python train.py --help)
         return print(__doc__.strip())
@@ -299,7 +349,11 @@ def main(argv):
     quiet = int(os.environ.get("RANK", 0)) != 0  # under torchrun only rank 0 reports
     emit = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr)) if to_stdout else print
     with redirect_stdout(sys.stderr) if to_stdout else nullcontext():
-        if opts["estimate"]:
+        if opts["prepare"]:
+            if rest:
+                raise UserError(f"bench.py --prepare takes no other arguments, got {' '.join(rest)}")
+            result = run_prepare(300 if opts["prepare"] is True else opts["prepare"], emit)
+        elif opts["estimate"]:
             result = run_estimate(opts, train.get_config(rest), emit)
         else:
             result = run_bench(opts, rest, emit)

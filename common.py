@@ -2,10 +2,11 @@
 Small helpers that several scripts share, each with one home here: atomic file writes, reading JSONL,
 a run's provenance, the config parser, signal handling, and the distributed helpers (a thin layer over torch.distributed: torchrun starts
 the processes, we write no collective of our own). Only the standard library is imported at the top,
-so prepare.py and its worker processes never load torch.
+so prepare.py never loads torch; optional packages are imported by need(), where they are used.
 """
 import ast
 import difflib
+import importlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import subprocess
 import threading
 import time
 import typing
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 
@@ -39,17 +40,26 @@ def atomic_write(path, data):
             os.remove(tmp)
 
 
-def read_jsonl(path):
-    """Yield (line number, record, bytes of the line) for each non-blank line of a .jsonl file; a line
-    that is not JSON raises a ValueError naming the file and line."""
-    with open(path, "rb") as f:
+def need(module, pip, what="this"):
+    """An optional package, imported; when it is missing, a UserError naming the pip command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{what} needs the optional package {pip}: pip install {pip}") from None
+
+
+def read_jsonl(path, stream=None):
+    """Yield (line number, record, bytes of the line) for each non-blank line of a .jsonl file (or of
+    `stream`, an open binary file such as a decompressing one, named by path); a line that is not JSON
+    raises a UserError naming the file and line."""
+    with open(path, "rb") if stream is None else nullcontext(stream) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: not a line of JSON") from None
+                raise UserError(f"{path}:{lineno}: not a line of JSON") from None
             yield lineno, rec, len(line)
 
 

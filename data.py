@@ -12,7 +12,8 @@ A prepared corpus is a folder data/NAME/ holding three files:
                       and every document is FOLLOWED by the separator id sep_id,
                       so each file is a sequence of separator-terminated documents
                       (number of documents == number of sep_id tokens).
-  meta.json           tokenizer     tokenizer name ("bytes", or a tiktoken encoding like "gpt2")
+  meta.json           tokenizer     "bytes", a tiktoken encoding like "gpt2", or the absolute path of a
+                                  tiktoken BPE file or of a Hugging Face tokenizer.json
                       vocab_size    base vocabulary size, separator included
                       dtype         "uint16" or "uint32", the dtype of both .bin files
                       sep_id        the document separator id
@@ -25,23 +26,36 @@ A prepared corpus is a folder data/NAME/ holding three files:
                                   (the *_max_id and *_bytes keys are computed once and added by
                                   data.max_ids for a corpus made before them)
                       source        short description of the inputs
+                      inputs        the inputs, in order: absolute paths (globs kept) and
+                                  "hf:NAME[/CONFIG]:SPLIT" for a streamed Hugging Face dataset
+                      val_fraction, val_docs_limit   the split rule below (limit null: none)
 
 meta.json is written last: a folder without it is not a finished corpus.
-Documents are numbered in input order; document i goes to val.bin when
-i % 20 == 0 and to train.bin otherwise.
+Documents are numbered in input order, from 0; document i goes to val.bin when
+floor(i * F) > floor((i - 1) * F), F = val_fraction as an exact decimal fraction
+(0.05: i % 20 == 0, the fixed rule of the built-in corpora), until val_docs_limit
+documents are there, and to train.bin otherwise. prepare.py --append continues the
+numbering (and the rule) of the corpus, so appending equals one run over all inputs.
 
 Labelled corpora (for classification fine-tuning; prepare.py --classify, or the built-in
 "stdlib_modules") are the same three files, where each document is one example, plus
   meta.json           labels        the class names; class i is labels[i]
   train_labels.npy, val_labels.npy  int64 class id of each document, in order
 
+Labelled corpora keep the fixed rule (line i of the inputs to val when i % 20 == 0) and
+have no inputs / val_fraction / val_docs_limit.
+
 The encoder objectives (MLM + NSP, classification) add 4 special tokens after the base
 vocabulary, nowhere in the files: [CLS] [SEP] [MASK] [PAD] = vocab_size + 0, 1, 2, 3.
+A model's vocab_size may be larger still (train.py's pad_vocab_to, see model_vocab):
+those rows are never a target and never sampled.
 
 Tokenizers: "bytes" is UTF-8 bytes 0..255 with separator 256 (vocab 257), and needs
 nothing. Any tiktoken encoding (gpt2, cl100k_base, o200k_base, ...) uses its
 <|endoftext|> token as separator; tiktoken downloads its files on first use, or
-reads them from the folder in TIKTOKEN_CACHE_DIR.
+reads them from the folder in TIKTOKEN_CACHE_DIR. A tiktoken BPE file's separator is
+the id after its last rank; a tokenizer.json's is the eos_token of the
+tokenizer_config.json beside it (else the first of prepare.SEP_NAMES it has).
 
 Batches
 -------
@@ -162,6 +176,13 @@ def to_device(batch, device):
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")  # ids base vocab_size + 0..3
 N_SPECIAL = len(SPECIAL_TOKENS)
 MASK_PROB = 0.15  # MLM: chosen share of the real tokens of a pair; of those 80% [MASK], 10% random, 10% kept
+
+
+def model_vocab(n, pad_to=0):
+    """The model's vocab_size for n ids (the tokenizer's, and the specials): n rounded up to a multiple of pad_to
+    (0: n), as nanoGPT's 50304 for GPT-2's 50257, for faster matmuls. The rows past n are never a target (no
+    corpus holds those ids) and never sampled (sample.py draws only the tokenizer's ids)."""
+    return -(-n // pad_to) * pad_to if pad_to else n
 
 
 def special_ids(base_vocab):

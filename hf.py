@@ -14,15 +14,15 @@ them (apply_rope pairs 2j with 2j+1, at the same frequency), so q/k rows are per
 so anvil -> HF -> anvil is bit for bit. transformers, safetensors and huggingface_hub are optional:
 imported here, inside the functions that need them.
 """
-import importlib
 import json
 import os
+import shutil
 from dataclasses import asdict
 
 import torch
 
 import model as M
-from common import UserError, atomic_write
+from common import UserError, atomic_write, need
 from parallelize import dim0_shard
 
 ARCHS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "BertForPreTraining": "bert", "BertModel": "bert",
@@ -38,13 +38,6 @@ T5_MLP = {"relu": "relu", "gated-gelu": "geglu", "gated-silu": "swiglu"}  # T5's
 DERIVED = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq", "cls.predictions.decoder.bias",
            "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",  # T5: copies of shared.weight
            "EncDecAttention.relative_attention_bias.weight")  # in some T5 files, unused
-
-
-def need(module, pip):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"this needs the optional package {pip}: pip install {pip}") from None
 
 
 # -----------------------------------------------------------------------------------------------
@@ -367,7 +360,8 @@ def load_checkpoint(source, corpus_meta=None, shard=None):
 
 def export(net, ckpt, out_dir, max_shard_bytes=5 * 2**30):
     """Write config.json and model.safetensors (shards and model.safetensors.index.json above max_shard_bytes),
-    plus GPT-2's tokenizer files when the checkpoint's corpus used tiktoken's gpt2. One shard in memory at a time."""
+    plus the tokenizer files: GPT-2's when the checkpoint's corpus used tiktoken's gpt2, the corpus's own
+    tokenizer.json (and the tokenizer_config.json beside it) when it used one. One shard in memory at a time."""
     st = need("safetensors.torch", "safetensors")
     cfg, meta = net.cfg, ckpt.get("meta") or {}
     arch = arch_of(cfg)
@@ -404,6 +398,12 @@ def export(net, ckpt, out_dir, max_shard_bytes=5 * 2**30):
     note = ""
     if meta.get("tokenizer") == "gpt2" and cfg.vocab_size >= 50257 and cfg.causal:
         note = " and GPT-2's tokenizer" if write_gpt2_tokenizer(out_dir, cfg.block_size) else " (no tokenizer: tiktoken's gpt2 unavailable)"
+    elif str(meta.get("tokenizer")).endswith(".json") and os.path.isfile(meta["tokenizer"]):  # a tokenizer.json corpus
+        config = os.path.join(os.path.dirname(meta["tokenizer"]), "tokenizer_config.json")
+        for src, name in ((meta["tokenizer"], "tokenizer.json"), (config, "tokenizer_config.json")):
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(out_dir, name))
+        note = " and the corpus's tokenizer.json"
     print(f"wrote {out_dir}: {arch}, {net.num_params():,} parameters in {len(shards)} file(s){note}")
     return arch
 

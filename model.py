@@ -499,10 +499,11 @@ class Transformer(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
                  attn_mask: torch.Tensor | None = None, start_id: int | None = None,
-                 stop_id: int | None = None) -> torch.Tensor:
+                 stop_id: int | None = None, vocab: int | None = None) -> torch.Tensor:
         """Extend idx (B, T) by max_new_tokens. temperature=0 is greedy. With use_cache, keys and values
         are kept per layer so each new token costs one position; when the cache is full the window is
-        re-filled from the last block_size//2 tokens.
+        re-filled from the last block_size//2 tokens. vocab: draw only ids below it (the tokenizer's; the
+        rows past it pad vocab_size for speed and mean nothing).
         An encoder-decoder reads idx (B, S) as the source (attn_mask: its padding), runs the encoder once and
         returns the target alone (B, n), without start_id, the decoder's first input; the cache keeps cross-
         attention K/V too. With stop_id, a row that has produced it repeats it; n < max_new_tokens when all have."""
@@ -517,7 +518,7 @@ class Transformer(nn.Module):
             for t in range(max_new_tokens):  # cached: the newest token alone, at position t
                 step = dict(dec_idx=out[:, -1:], cache=cache, pos=t, memory=memory) if use_cache else dict(dec_idx=out)
                 logits, _ = self(idx, attn_mask=attn_mask, **step)
-                nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B, 1)
+                nxt = sample_next(logits[:, -1, :vocab].float(), temperature, top_k, top_p, generator)  # (B, 1)
                 if stop_id is not None:
                     nxt = nxt.masked_fill(done[:, None], stop_id)
                     done |= nxt[:, 0] == stop_id
@@ -540,7 +541,7 @@ class Transformer(nn.Module):
                 else:
                     logits, _ = self(idx[:, -1:], cache=cache, pos=pos)
                     pos += 1
-            logits = logits[:, -1, :].float()  # (B, V)
+            logits = logits[:, -1, :vocab].float()  # (B, V), or (B, vocab)
             idx = torch.cat((idx, sample_next(logits, temperature, top_k, top_p, generator)), dim=1)
         return idx
 

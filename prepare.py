@@ -3,52 +3,71 @@ Turn text into token files that train.py can read.
 
     python prepare.py                     # built-in corpus: Python stdlib, bytes tokenizer
     python prepare.py --name=notes --input=notes/ --input=more.jsonl --tokenizer=gpt2
+    python prepare.py --name=fineweb_edu --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT \\
+                      --tokenizer=gpt2 --val_docs=10000
+    python prepare.py --name=notes --input=new_notes/ --append    # more documents, the rest not re-tokenized
 
 Writes the format that data.py documents and reads: data/NAME/{train.bin, val.bin, meta.json}, and for
-labelled corpora {train,val}_labels.npy. Document i of the inputs goes to validation when i % 20 == 0.
+labelled corpora {train,val}_labels.npy. The inputs (readers.py) are text and code files and folders of
+them, JSON lines (.jsonl, .jsonl.gz, .jsonl.zst) and Parquet files with the text in --text_field, and a
+Hugging Face dataset, streamed; all are read one document at a time. Validation: --val_fraction,
+evenly spaced (default 0.05, every 20th document, the built-in corpus's fixed rule), up to --val_docs
+documents. --append adds documents to a corpus as if they had been given to the run that made it.
 
-Tokenizers: "bytes" is UTF-8 bytes 0..255 with separator 256 (vocab 257), and needs
-nothing. Any tiktoken encoding (gpt2, cl100k_base, o200k_base, ...) uses its
-<|endoftext|> token as separator; tiktoken downloads its files on first use, or
-reads them from the folder in TIKTOKEN_CACHE_DIR. A path names a tiktoken-format BPE
-file (LLaMA-3's tokenizer.model is one): its ranks, then the separator; the model's
-vocab_size follows (meta.json records the tokenizer's absolute path).
+Tokenizers: "bytes" is UTF-8 bytes 0..255 with separator 256 (vocab 257), and needs nothing. Any
+tiktoken encoding (gpt2, cl100k_base, o200k_base, ...) uses its <|endoftext|> token as separator;
+tiktoken downloads its files on first use, or reads them from the folder in TIKTOKEN_CACHE_DIR. A path
+names a tiktoken-format BPE file (LLaMA-3's tokenizer.model is one): its ranks, then the separator.
+A path ending in .json names a Hugging Face tokenizer.json (pip install tokenizers), whose separator
+is the eos_token of the tokenizer_config.json beside it (else </s>, <|endoftext|>, ...). For paths,
+meta.json records the absolute path, and the model's vocab_size follows the file.
+
+Tokenizing runs in threads of this process (tiktoken and tokenizers release the GIL while they work),
+never in forked or spawned processes; documents are written in input order, so the files do not depend
+on --workers.
 """
 
 import argparse
-import glob
 import json
-import multiprocessing
 import os
 import sys
 import sysconfig
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from common import UserError, atomic_write, read_jsonl
+from common import UserError, atomic_write, need, read_jsonl
+from readers import check_packages, expand_inputs, hf_documents, iter_documents, open_hf_dataset
 
-VAL_EVERY = 20  # document i goes to validation when i % VAL_EVERY == 0; fixed, never change
+VAL_EVERY = 20  # the built-in corpora: document i goes to validation when i % VAL_EVERY == 0; fixed, never change
+VAL_FRACTION = 1 / VAL_EVERY  # the default for other corpora: the same rule
 PYSTDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
-# extensions picked up when an --input is a directory (files named directly are always taken)
-TEXT_EXTS = {".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp",
-             ".js", ".ts", ".java", ".go", ".rs", ".sh", ".html", ".css", ".toml", ".yaml", ".yml",
-             ".jsonl"}
+# a tokenizer.json's separator when no tokenizer_config.json beside it names its eos_token: the first of these it has
+SEP_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
+CHUNK_CHARS = 1 << 20  # documents are tokenized in chunks of about this much text, a few chunks ahead of the writer
+REPORT_AFTER = 5  # seconds to the first progress line; then 5 to 60 s apart, so a long run's log stays short
 
 # -----------------------------------------------------------------------------
 # tokenizers
 
 def get_tokenizer(name):
-    """A tokenizer: .name, .encode(str) -> list[int], .decode(list[int]) -> str, .vocab_size, .sep_id."""
+    """A tokenizer: .name, .encode(str) -> list[int], .decode(list[int]) -> str, .vocab_size, .sep_id, and
+    .encode_batch(list[str]) -> [uint32 array], the bulk path prepare() calls from several threads at once."""
     if name == "bytes":
         return SimpleNamespace(
             name="bytes", vocab_size=257, sep_id=256,
-            encode=lambda s: list(s.encode("utf-8")),
+            encode=lambda s: list(s.encode("utf-8", errors="replace")),
+            encode_batch=lambda texts: [np.frombuffer(s.encode("utf-8", errors="replace"), np.uint8) for s in texts],
             # ids > 255 (the separator, or padding ids a model may sample) are not text
             decode=lambda ids: bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace"))
+    if name.endswith(".json") and os.path.isfile(name):
+        return hf_tokenizer(name)
     try:
         import tiktoken  # imported only here, so the bytes tokenizer works without it
     except ImportError:
@@ -58,7 +77,8 @@ def get_tokenizer(name):
         enc, name = bpe_file_encoding(tiktoken, name), os.path.abspath(name)
     elif name not in tiktoken.list_encoding_names():
         valid = ", ".join(["bytes"] + tiktoken.list_encoding_names())
-        raise UserError(f"unknown tokenizer {name!r}; valid names: {valid}, or the path of a tiktoken-format BPE file")
+        raise UserError(f"unknown tokenizer {name!r}; valid names: {valid}, or the path of a tiktoken-format BPE file "
+                        f"or of a Hugging Face tokenizer.json")
     else:
         enc = None
     try:
@@ -86,9 +106,21 @@ def get_tokenizer(name):
                     pass
             return enc.decode(ok, errors="replace")
 
-    # encode_ordinary: text that happens to contain "<|endoftext|>" stays plain text
-    return SimpleNamespace(name=name, vocab_size=enc.n_vocab, sep_id=enc.eot_token,
-                           encode=enc.encode_ordinary, decode=decode)
+    # encode_ordinary: text that happens to contain "<|endoftext|>" stays plain text. In bulk, the same ids
+    # as a buffer (encode with no special token allowed is encode_ordinary): no Python int per token, which
+    # would hold the GIL
+    core, buffer = enc._core_bpe, hasattr(enc._core_bpe, "encode_to_tiktoken_buffer")
+
+    def as_array(text):
+        if buffer:
+            try:
+                return np.frombuffer(core.encode_to_tiktoken_buffer(text, set()), np.uint32)
+            except UnicodeEncodeError:  # lone surrogates: encode_ordinary has the fallback
+                pass
+        return np.array(enc.encode_ordinary(text), np.uint32)
+
+    return SimpleNamespace(name=name, vocab_size=enc.n_vocab, sep_id=enc.eot_token, encode=enc.encode_ordinary,
+                           decode=decode, encode_batch=lambda texts: [as_array(t) for t in texts])
 
 
 # LLaMA-3's pre-tokenizer split (cl100k_base's, written without possessive quantifiers)
@@ -108,6 +140,33 @@ def bpe_file_encoding(tiktoken, path):
                              special_tokens={"<|endoftext|>": max(ranks.values()) + 1})
 
 
+def hf_tokenizer(path):
+    """A Hugging Face tokenizer.json, through the optional tokenizers package: vocab_size is its largest id + 1
+    (added tokens included); the separator is the eos_token of the tokenizer_config.json beside it, else
+    the first of SEP_NAMES it has. No BOS or other special token is added to a document."""
+    tokenizers = need("tokenizers", "tokenizers", f"--tokenizer={path}")
+    try:
+        tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # a JSON that is not a tokenizer: the library's message, on one line
+        raise UserError(f"tokenizer file {path!r} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:100]})") from None
+    vocab, names = tok.get_vocab(with_added_tokens=True), list(SEP_NAMES)
+    config = Path(path).with_name("tokenizer_config.json")
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token")
+        names.insert(0, eos.get("content") if isinstance(eos, dict) else eos)
+    sep = next((vocab[n] for n in names if n in vocab), None)
+    if sep is None:
+        raise UserError(f"tokenizer file {path!r} has no end-of-document token: put a tokenizer_config.json with "
+                        f"its eos_token beside it, or give it one of {', '.join(SEP_NAMES)}")
+    n, batch = max(vocab.values()) + 1, getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast: no offsets
+    return SimpleNamespace(
+        name=os.path.abspath(path), vocab_size=n, sep_id=sep,
+        encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
+        # encode_batch releases the GIL and spreads the texts over tokenizers' own threads
+        encode_batch=lambda texts: [np.array(e.ids, np.uint32) for e in batch(texts, add_special_tokens=False)],
+        decode=lambda ids: tok.decode([i for i in ids if 0 <= i < n], skip_special_tokens=False))
+
+
 def dtype_for_vocab(vocab_size):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
@@ -122,7 +181,7 @@ def get_tokenizer_from_meta(meta):
 
 
 # -----------------------------------------------------------------------------
-# finding the documents
+# the documents: readers.py reads them; here, which ones, and which split each goes to
 
 def pystdlib_files():
     """[(relpath, abspath)] of the stdlib's .py files, sorted by relpath: the pystdlib documents."""
@@ -132,128 +191,197 @@ def pystdlib_files():
     return sorted(files)
 
 
-def expand_inputs(inputs):
-    """Files, directories (walked for TEXT_EXTS files) and globs -> sorted list of file paths."""
-    files = set()
-    for inp in inputs:
-        matches = [inp] if os.path.exists(inp) else sorted(glob.glob(inp, recursive=True))
-        if not matches:
-            raise UserError(f"input {inp!r} matches no file or directory")
-        for m in matches:
-            if os.path.isdir(m):
-                found = [p for p in Path(m).rglob("*") if p.is_file() and p.suffix.lower() in TEXT_EXTS
-                         and not any(part.startswith(".") for part in p.relative_to(m).parts)]
-                if not found:
-                    raise UserError(f"input directory {inp!r} holds no text files "
-                                            f"({' '.join(sorted(TEXT_EXTS))})")
-                files.update(str(p.resolve()) for p in found)
-            else:
-                files.add(str(Path(m).resolve()))
-    return sorted(files, key=lambda f: Path(f).as_posix())
+def open_inputs(inputs, hf_dataset, hf_config, hf_split, text_field):
+    """(documents, what they are for meta.json, total input bytes, total documents) of the --input files
+    and then the streamed dataset; a total is None when unknown. What can fail before reading fails here."""
+    files = expand_inputs(inputs) if inputs else []
+    check_packages(files)
+    docs, described = iter_documents(files, text_field), [os.path.abspath(i) for i in inputs or []]
+    total_bytes, total_docs = sum(os.path.getsize(f) for f in files), None
+    if hf_dataset:
+        ds = open_hf_dataset(hf_dataset, hf_config, hf_split)
+        docs = chain(docs, hf_documents(ds, hf_dataset, text_field))
+        described.append(f"hf:{hf_dataset}" + (f"/{hf_config}" if hf_config else "") + f":{hf_split}")
+        splits = ds.info.splits or {}  # known for hub datasets that publish their sizes
+        total_bytes, total_docs = None, splits[hf_split].num_examples if hf_split in splits and not files else None
+    return docs, described, total_bytes, total_docs
 
 
-def iter_documents(files):
-    """Yield (text, input_bytes) one document at a time: a whole file, or one line of a .jsonl."""
-    for f in files:
-        if f.endswith(".jsonl"):
-            for lineno, rec, nbytes in read_jsonl(f):
-                text = rec.get("text") if isinstance(rec, dict) else None
-                if not isinstance(text, str):
-                    raise UserError(f"{f}:{lineno}: expected a JSON object with a 'text' string")
-                yield text, nbytes
-        else:
-            data = Path(f).read_bytes()
-            yield data.decode("utf-8", errors="replace"), len(data)
+def split_rule(val_fraction, val_docs=None):
+    """is_val(i, n_val): does document i (counted from the corpus's first) go to validation, n_val being
+    there already. Evenly spaced from the first document, floor(i F) > floor((i - 1) F) with F the exact
+    decimal val_fraction (0.05: i % 20 == 0), until val_docs are there."""
+    f = Fraction(str(val_fraction))
+    p, q = f.numerator, f.denominator
+    return lambda i, n_val: (val_docs is None or n_val < val_docs) and (i * p) // q > ((i - 1) * p) // q
 
 # -----------------------------------------------------------------------------
-# tokenizing, in worker processes when it pays
+# tokenizing, in threads, in order
 
-_tok = None  # each worker builds its own tokenizer once: the lambdas inside don't pickle
+def chunks(docs, n_chars):
+    """The (text, nbytes) documents in lists of about n_chars characters of text."""
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc[0])
+        if size >= n_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
-def _init_worker(tokenizer_name):
-    global _tok
-    _tok = get_tokenizer(tokenizer_name)
 
-def _encode(doc):
-    text, nbytes = doc
-    ids = np.array(_tok.encode(text) + [_tok.sep_id], dtype=dtype_for_vocab(_tok.vocab_size))
-    return ids, nbytes
+def tokenized(docs, tok, workers=1):
+    """(ids with the separator appended, in the corpus dtype; input nbytes; UTF-8 bytes of the text) for each
+    (text, nbytes) document, in input order. With workers > 1 that many threads tokenize chunks, at most
+    2 * workers chunks ahead of the caller, so memory stays bounded; the result is the same for any workers."""
+    dtype = dtype_for_vocab(tok.vocab_size)
+
+    def encode(chunk):
+        out = []
+        for (text, nbytes), ids in zip(chunk, tok.encode_batch([text for text, _ in chunk])):
+            a = np.empty(len(ids) + 1, dtype)
+            a[:-1], a[-1] = ids, tok.sep_id
+            out.append((a, nbytes, len(text.encode("utf-8", errors="replace"))))
+        return out
+
+    if workers == 1:
+        for chunk in chunks(docs, CHUNK_CHARS):
+            yield from encode(chunk)
+        return
+    pool, ahead = ThreadPoolExecutor(workers), deque()
+    try:
+        for chunk in chunks(docs, CHUNK_CHARS):
+            ahead.append(pool.submit(encode, chunk))
+            if len(ahead) > 2 * workers:
+                yield from ahead.popleft().result()
+        while ahead:
+            yield from ahead.popleft().result()
+    finally:  # also when the caller stops early: no thread keeps tokenizing
+        pool.shutdown(cancel_futures=True)
 
 
-def prepare(name="pystdlib", inputs=None, tokenizer="bytes", out_dir="data", workers=None, quiet=False):
-    """Build data/NAME/{train.bin,val.bin,meta.json} (format: see data.py); returns the folder."""
-    t0 = time.time()
+def report(t0, docs, tokens, text_bytes, frac):
+    """One progress line on stderr: documents, tokens, MB/s of text and, when the total is known, an ETA."""
+    dt = max(time.time() - t0, 1e-6)
+    left = dt * max(0, 1 - frac) / frac if frac else 0
+    eta = f", {100 * frac:.1f}%, ETA {int(left // 3600)}:{time.strftime('%M:%S', time.gmtime(left))}" if frac else ""
+    print(f"prepare: {docs:,} docs, {tokens:,} tokens, {text_bytes / 1e6 / dt:.1f} MB/s{eta}", file=sys.stderr, flush=True)
+
+# -----------------------------------------------------------------------------
+# writing a corpus
+
+def write_meta(folder, tok, counts, **extra):
+    """meta.json (data.py lists its keys), written last and atomically: it marks the corpus complete."""
+    meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, dtype=np.dtype(dtype_for_vocab(tok.vocab_size)).name,
+                sep_id=tok.sep_id, **counts, **extra)
+    atomic_write(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def read_old_meta(folder, tokenizer, val_fraction, val_docs):
+    """--append: the corpus's meta.json, checked against this run's tokenizer and split options."""
+    path = folder / "meta.json"
+    if not path.is_file():
+        raise UserError(f"--append: {path} not found, so there is no corpus to add to; drop --append to make one")
+    meta = json.loads(path.read_text())
+    if "labels" in meta or "val_fraction" not in meta:
+        raise UserError(f"--append: {folder} is labelled, or older than --append (no val_fraction in its meta.json): "
+                        f"it cannot be appended to; make it again from all the inputs")
+    for key, option, value in (("tokenizer", "tokenizer", tokenizer), ("val_fraction", "val_fraction", val_fraction),
+                               ("val_docs_limit", "val_docs", val_docs)):
+        if value is not None and value != meta[key]:
+            raise UserError(f"--append: {folder} was made with --{option}={meta[key]!r}, this run asks for {value!r}; "
+                            f"leave --{option} out to use the corpus's")
+    return meta
+
+
+def write_splits(folder, encoded, is_val, counts, dtype, append=False, progress=None):
+    """Write the tokenized documents (tokenized()'s tuples) to folder/{train,val}.bin, each to the split
+    is_val(i, n_val) gives it, and return counts (tokens, documents and largest id per split) updated from
+    those of the corpus so far. A new corpus is written under temporary names, then renamed; an appended
+    one in place, and cut back to where meta.json says it ends if anything fails. progress: (t0, total
+    bytes, total documents) for the progress lines on stderr, or None."""
+    if append:
+        kept = {s: counts[f"{s}_tokens"] * np.dtype(dtype).itemsize for s in ("train", "val")}
+        paths = {s: folder / f"{s}.bin" for s in kept}
+        for s, p in paths.items():
+            if not p.is_file() or p.stat().st_size < kept[s]:
+                raise UserError(f"--append: {p} is shorter than its meta.json says; re-make the corpus without --append")
+            os.truncate(p, kept[s])  # bytes past the recorded end are what an interrupted --append left
+    else:
+        (folder / "meta.json").unlink(missing_ok=True)  # the old corpus is no longer complete
+        paths = {s: folder / f"{s}.bin.tmp{os.getpid()}" for s in ("train", "val")}
+    counts, first = dict(counts), counts["train_docs"] + counts["val_docs"]
+    i, done, text_bytes, ok = first, 0, 0, False
+    next_report = progress and progress[0] + REPORT_AFTER
+    try:
+        with open(paths["train"], "ab", buffering=1 << 20) as ftrain, open(paths["val"], "ab", buffering=1 << 20) as fval:
+            for ids, nbytes, utf8 in encoded:
+                split = "val" if is_val(i, counts["val_docs"]) else "train"
+                (fval if split == "val" else ftrain).write(ids.tobytes())
+                counts[f"{split}_tokens"] += len(ids)
+                counts[f"{split}_docs"] += 1
+                counts[f"{split}_max_id"] = max(counts[f"{split}_max_id"], int(ids.max()))
+                counts[f"{split}_bytes"] += utf8  # the denominator of bits per byte
+                i, done, text_bytes = i + 1, done + nbytes, text_bytes + utf8
+                if progress and time.time() >= next_report:
+                    t0, total, total_docs = progress
+                    report(t0, i - first, counts["train_tokens"] + counts["val_tokens"], text_bytes,
+                           total and done / total or total_docs and (i - first) / total_docs)
+                    next_report = time.time() + min(60, max(5, (time.time() - t0) / 10))
+        if not append:
+            for s, p in paths.items():
+                os.replace(p, folder / f"{s}.bin")
+        ok = True
+    finally:
+        for s, p in paths.items():
+            if append and not ok:
+                os.truncate(p, kept[s])
+            elif not append:
+                p.unlink(missing_ok=True)
+    return counts
+
+
+def prepare(name="pystdlib", inputs=None, tokenizer=None, out_dir="data", workers=None, quiet=False, *,
+            text_field="text", hf_dataset=None, hf_config=None, hf_split="train", val_fraction=None, val_docs=None,
+            append=False):
+    """Build data/NAME/{train.bin,val.bin,meta.json} (format: see data.py) from the input files and/or a
+    Hugging Face dataset, or with append=True add them to it as one prepare over all the inputs would
+    have. tokenizer None: "bytes", or when appending the corpus's. Returns the folder."""
+    t0, folder = time.time(), Path(out_dir) / name
     if name == CLASSIFY_DEMO and not inputs:
-        return prepare_classify(name, None, tokenizer, out_dir, quiet)
-    if inputs:
-        if name == "pystdlib":
-            raise UserError("'pystdlib' is the built-in corpus; give your inputs another --name")
-        files = expand_inputs(inputs)
-        source = f"{len(files)} files from " + ", ".join(inputs)
-    elif name == "pystdlib":
-        files = [f for _, f in pystdlib_files()]
-        source = f"{len(files)} .py files of the Python {sys.version.split()[0]} stdlib " \
-                 f"({sysconfig.get_paths()['stdlib']}), without tests/idlelib"
+        return prepare_classify(name, None, tokenizer or "bytes", out_dir, quiet)
+    if name == "pystdlib":
+        if inputs or hf_dataset or append or val_fraction or val_docs:
+            raise UserError("'pystdlib' is the built-in corpus with its fixed split; give your inputs another --name")
+        files, stdlib = [f for _, f in pystdlib_files()], sysconfig.get_paths()["stdlib"]
+        docs, described, total, total_docs = iter_documents(files), [stdlib], sum(map(os.path.getsize, files)), None
+        source = f"{len(files)} .py files of the Python {sys.version.split()[0]} stdlib ({stdlib}), without tests/idlelib"
+    elif inputs or hf_dataset:
+        docs, described, total, total_docs = open_inputs(inputs, hf_dataset, hf_config, hf_split, text_field)
+        source = None  # the inputs, those of earlier --append runs included
     else:
         raise UserError(f"no corpus {name!r}: the only built-in corpus is 'pystdlib'; "
-                         f"build {name!r} with: python prepare.py --name={name} --input=PATH ...")
-    tok = get_tokenizer(tokenizer)  # fail early (e.g. tiktoken offline) before writing anything
-    dtype = dtype_for_vocab(tok.vocab_size)
-    total_bytes = sum(os.path.getsize(f) for f in files)
-    if workers is None:  # processes only pay off for real BPE work on a sizeable corpus
-        big = tokenizer != "bytes" and total_bytes > (4 << 20)
-        workers = min(os.cpu_count() or 1, 8) if big else 1
-
-    folder = Path(out_dir) / name
+                        f"build {name!r} with: python prepare.py --name={name} --input=PATH ...")
+    old = read_old_meta(folder, tokenizer and get_tokenizer(tokenizer).name, val_fraction, val_docs) if append else None
+    tok = get_tokenizer(old["tokenizer"] if old else tokenizer or "bytes")  # fails early (e.g. tiktoken offline)
+    if old:
+        val_fraction, val_docs, described = old["val_fraction"], old["val_docs_limit"], old["inputs"] + described
+    val_fraction, dtype = val_fraction or VAL_FRACTION, dtype_for_vocab(tok.vocab_size)
+    if workers is None:  # threads pay off for BPE; the bytes tokenizer is one memory copy
+        workers = 1 if tok.name == "bytes" else min(os.cpu_count() or 1, 8)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "meta.json").unlink(missing_ok=True)  # the old corpus is no longer complete
-    tmp = {s: folder / f"{s}.bin.tmp{os.getpid()}" for s in ("train", "val")}
-    ntok, ndocs, maxid = {"train": 0, "val": 0}, {"train": 0, "val": 0}, {"train": 0, "val": 0}
-    done_bytes, last_print, pool = 0, time.time(), None
-    try:
-        with open(tmp["train"], "wb", buffering=1 << 20) as ftrain, \
-             open(tmp["val"], "wb", buffering=1 << 20) as fval:
-            docs = iter_documents(files)
-            if workers > 1:
-                # imap keeps document order; it reads ahead only as far as the task pipe
-                # holds, so the corpus streams through instead of sitting in memory
-                # spawn, not fork: a forked child of a process that already runs torch threads can deadlock
-                pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
-                encoded = pool.imap(_encode, docs, chunksize=16)
-            else:
-                _init_worker(tokenizer)
-                encoded = map(_encode, docs)
-            for i, (ids, nbytes) in enumerate(encoded):
-                split = "val" if i % VAL_EVERY == 0 else "train"
-                (fval if split == "val" else ftrain).write(ids.tobytes())
-                ntok[split] += len(ids)
-                ndocs[split] += 1
-                maxid[split] = max(maxid[split], int(ids.max()))
-                done_bytes += nbytes
-                if not quiet and time.time() - last_print > 5:
-                    last_print = time.time()
-                    dt, frac = last_print - t0, done_bytes / max(total_bytes, 1)
-                    eta = dt * (1 - frac) / max(frac, 1e-9)
-                    tokens = ntok["train"] + ntok["val"]
-                    print(f"{i + 1} docs | {tokens:,} tokens | {tokens / dt:,.0f} tok/s | "
-                          f"{100 * frac:.1f}% | ETA {eta:.0f}s", flush=True)
-        for s in ("train", "val"):
-            os.replace(tmp[s], folder / f"{s}.bin")
-    finally:
-        if pool is not None:
-            pool.terminate()
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
-
-    meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name,
-                sep_id=tok.sep_id, train_tokens=ntok["train"], val_tokens=ntok["val"],
-                train_docs=ndocs["train"], val_docs=ndocs["val"], train_max_id=maxid["train"], val_max_id=maxid["val"],
-                source=source)
-    meta.update({f"{s}_bytes": text_bytes(folder / f"{s}.bin", dtype, tok) for s in ("train", "val")})  # for bits per byte
-    atomic_write(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: it marks the corpus complete
+    counts = {f"{s}_{k}": old.get(f"{s}_{k}", 0) if old else 0 for k in ("tokens", "docs", "max_id", "bytes") for s in ("train", "val")}
+    counts = write_splits(folder, tokenized(docs, tok, workers), split_rule(val_fraction, val_docs), counts, dtype,
+                          append=bool(old), progress=None if quiet else (t0, total, total_docs))
+    if old and "train_bytes" not in old:  # an older corpus: data.max_ids counts its bytes once, when first read
+        counts = {k: v for k, v in counts.items() if not k.endswith("_bytes")}
+    write_meta(folder, tok, counts, source=source or ", ".join(described), inputs=described,
+               val_fraction=val_fraction, val_docs_limit=val_docs)
     if not quiet:
-        print(f"wrote {folder}: train {ndocs['train']} docs {ntok['train']:,} tokens, "
-              f"val {ndocs['val']} docs {ntok['val']:,} tokens ({tok.name}, {np.dtype(dtype).name}) "
+        print(f"wrote {folder}: train {counts['train_docs']:,} docs {counts['train_tokens']:,} tokens, "
+              f"val {counts['val_docs']:,} docs {counts['val_tokens']:,} tokens ({tok.name}, {np.dtype(dtype).name}) "
               f"in {time.time() - t0:.1f}s")
     return str(folder)
 
@@ -323,16 +451,15 @@ def prepare_classify(name=CLASSIFY_DEMO, inputs=None, tokenizer="bytes", out_dir
     tok, folder = get_tokenizer(tokenizer), Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "meta.json").unlink(missing_ok=True)
-    meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, dtype=np.dtype(dtype_for_vocab(tok.vocab_size)).name,
-                sep_id=tok.sep_id, labels=labels, source=f"{name}: {len(examples)} labelled examples")
+    counts = {}
     for split in ("train", "val"):
         part = [(t, lab) for t, lab, sp in examples if sp == split]
-        ids = np.array([i for t, _ in part for i in tok.encode(t) + [tok.sep_id]], dtype=meta["dtype"])
+        ids = np.array([i for t, _ in part for i in tok.encode(t) + [tok.sep_id]], dtype=dtype_for_vocab(tok.vocab_size))
         ids.tofile(folder / f"{split}.bin")
         np.save(folder / f"{split}_labels.npy", np.array([labels.index(lab) for _, lab in part], np.int64))
-        meta.update({f"{split}_tokens": len(ids), f"{split}_docs": len(part), f"{split}_max_id": int(ids.max(initial=0)),
-                     f"{split}_bytes": sum(len(t.encode("utf-8")) for t, _ in part)})
-    atomic_write(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: it marks the corpus complete
+        counts.update({f"{split}_tokens": len(ids), f"{split}_docs": len(part), f"{split}_max_id": int(ids.max(initial=0)),
+                       f"{split}_bytes": sum(len(t.encode("utf-8")) for t, _ in part)})
+    meta = write_meta(folder, tok, counts, labels=labels, source=f"{name}: {len(examples)} labelled examples")
     if not quiet:
         print(f"wrote {folder}: {meta['train_docs']} train / {meta['val_docs']} val examples, {len(labels)} labels")
     return str(folder)
@@ -341,15 +468,28 @@ def prepare_classify(name=CLASSIFY_DEMO, inputs=None, tokenizer="bytes", out_dir
 
 def check_args(args):
     """The command line's values, before any input is read or anything written."""
-    if args.input and args.name is None:
-        raise UserError("--input needs a --name for the output folder")
+    if (args.input or args.hf_dataset or args.append) and args.name is None:
+        raise UserError(f"{'--input' if args.input else '--hf_dataset' if args.hf_dataset else '--append'} needs a --name "
+                        f"for the output folder")
     if args.name is not None and (not args.name.strip() or "/" in args.name or args.name in (".", "..")):
         raise UserError(f"--name={args.name!r} must name one folder under --out_dir (no '/'), e.g. --name=mycorpus")
     if not args.out_dir.strip():
         raise UserError("--out_dir must not be empty; the default is data")
     if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers={args.workers} must be >= 1 (or left out: min(cpu count, 8) for large BPE jobs)")
-    get_tokenizer(args.tokenizer)  # an unknown or unloadable tokenizer, named before any input is read
+        raise UserError(f"--workers={args.workers} must be >= 1 (or left out: min(cpu count, 8) threads for BPE)")
+    if not args.text_field:
+        raise UserError("--text_field must name the field or column that holds the text, e.g. --text_field=text")
+    if (args.hf_config or args.hf_split != "train") and not args.hf_dataset:
+        raise UserError(f"--hf_{'config' if args.hf_config else 'split'} belongs to --hf_dataset=NAME, which is missing")
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        raise UserError(f"--val_fraction={args.val_fraction} must be between 0 and 1, e.g. 0.05 (every 20th document)")
+    if args.val_docs is not None and args.val_docs < 1:
+        raise UserError(f"--val_docs={args.val_docs} must be >= 1 (or left out: no limit)")
+    if args.classify and (args.hf_dataset or args.append or args.val_fraction or args.val_docs or args.text_field != "text"):
+        raise UserError("--classify reads .jsonl files of {\"text\", \"label\"} lines, every 20th to validation; "
+                        "it takes no --hf_dataset, --append, --val_fraction, --val_docs or --text_field")
+    if args.tokenizer is not None or not args.append:
+        get_tokenizer(args.tokenizer or "bytes")  # an unknown or unloadable tokenizer, named before any input is read
 
 
 if __name__ == "__main__":
@@ -358,20 +498,33 @@ if __name__ == "__main__":
                         "a labelled corpus for train.py --objective=classify")
     parser.add_argument("--name", default=None, help="output folder under --out_dir (default: pystdlib)")
     parser.add_argument("--input", action="extend", nargs="+", default=[],
-                        help="files, directories or globs; .jsonl gives one document per line ('text' field)")
-    parser.add_argument("--tokenizer", default="bytes", help="bytes, a tiktoken encoding (gpt2, cl100k_base, ...), "
-                        "or the path of a tiktoken-format BPE file such as LLaMA-3's tokenizer.model")
+                        help="files, directories or globs; .jsonl(.gz/.zst) lines and .parquet rows are documents")
+    parser.add_argument("--text_field", default="text", help="the JSON field / Parquet or dataset column of the text")
+    parser.add_argument("--hf_dataset", default=None, help="a Hugging Face dataset (hub name or local folder), streamed "
+                        "after the --input files (pip install datasets)")
+    parser.add_argument("--hf_config", default=None, help="the dataset's configuration, e.g. sample-10BT")
+    parser.add_argument("--hf_split", default="train")
+    parser.add_argument("--tokenizer", default=None, help="bytes (the default), a tiktoken encoding (gpt2, cl100k_base, "
+                        "...), the path of a tiktoken-format BPE file such as LLaMA-3's tokenizer.model, or of a Hugging "
+                        "Face tokenizer.json; with --append, the corpus's")
+    parser.add_argument("--val_fraction", type=float, default=None,
+                        help="share of the documents for validation, evenly spaced (default 0.05: every 20th)")
+    parser.add_argument("--val_docs", type=int, default=None, help="at most this many validation documents")
+    parser.add_argument("--append", action="store_true", help="add the inputs to the corpus --name, with its "
+                        "tokenizer and split, as if they had been given to the run that made it")
     parser.add_argument("--out_dir", default="data")
     parser.add_argument("--workers", type=int, default=None,
-                        help="tokenizer processes (default: min(cpu count, 8), or 1 for small/bytes jobs)")
+                        help="tokenizer threads (default: min(cpu count, 8), or 1 for the bytes tokenizer)")
     parser.add_argument("--quiet", action="store_true")
     parser.error = lambda msg: sys.exit(f"prepare.py: error: {msg}")  # one line, not usage + error
     args = parser.parse_args()
     try:
         check_args(args)
         if args.classify:
-            prepare_classify(args.name or CLASSIFY_DEMO, args.input, args.tokenizer, args.out_dir, args.quiet)
+            prepare_classify(args.name or CLASSIFY_DEMO, args.input, args.tokenizer or "bytes", args.out_dir, args.quiet)
         else:
-            prepare(args.name or "pystdlib", args.input, args.tokenizer, args.out_dir, args.workers, args.quiet)
+            prepare(args.name or "pystdlib", args.input, args.tokenizer, args.out_dir, args.workers, args.quiet,
+                    text_field=args.text_field, hf_dataset=args.hf_dataset, hf_config=args.hf_config,
+                    hf_split=args.hf_split, val_fraction=args.val_fraction, val_docs=args.val_docs, append=args.append)
     except (UserError, OSError) as e:
         sys.exit(f"prepare.py: error: {e}")

@@ -130,7 +130,7 @@ def sample(args):
     for i in range(args["num_samples"]):
         t0 = time.time()
         y = net.generate(x, args["max_new_tokens"], temperature=args["temperature"], top_k=args["top_k"],
-                         top_p=args["top_p"], generator=g)
+                         top_p=args["top_p"], generator=g, vocab=ckpt["meta"]["vocab_size"])
         print(tok.decode(y[0].tolist()))
         print(f"---------- sample {i + 1}: {args['max_new_tokens'] / (time.time() - t0):.0f} tokens/s")
 

@@ -5,6 +5,7 @@ and distributed tests launch torchrun with 2 ranks of one thread each.
 """
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -595,7 +596,8 @@ def test_pystdlib_split_and_format(tmp_path):
     assert folder == tmp_path / "pystdlib"
     meta = data.load_meta(folder)
     assert set(meta) == {"tokenizer", "vocab_size", "dtype", "sep_id", "train_tokens", "val_tokens",
-                         "train_docs", "val_docs", "train_max_id", "val_max_id", "train_bytes", "val_bytes", "source"}
+                         "train_docs", "val_docs", "train_max_id", "val_max_id", "train_bytes", "val_bytes", "source",
+                         "inputs", "val_fraction", "val_docs_limit"}
     assert (meta["tokenizer"], meta["vocab_size"], meta["sep_id"], meta["dtype"]) == ("bytes", 257, 256, "uint16")
     assert not list(folder.glob("*.tmp*"))
 
@@ -758,6 +760,260 @@ def test_missing_input_and_failed_build(tmp_path):
         prepare.prepare("y", [str(tmp_path / "ok.txt"), str(tmp_path / "bad.jsonl")],
                         out_dir=tmp_path / "out", quiet=True)
     assert sorted(p.name for p in (tmp_path / "out" / "y").iterdir()) == ["train.bin", "val.bin"]
+
+
+def _in_order(folder):
+    """A prepared corpus's documents in input order (the split undone), each with its separator, and the
+    tokenizer: the split rule comes from meta.json, as prepare.py applied it."""
+    meta = data.load_meta(folder)
+    tok = prepare.get_tokenizer_from_meta(meta)
+    docs = {s: _docs(np.asarray(data.load_split(folder, s, meta)), tok.sep_id) for s in ("train", "val")}
+    is_val, out, n_val = prepare.split_rule(meta["val_fraction"], meta["val_docs_limit"]), [], 0
+    for i in range(meta["train_docs"] + meta["val_docs"]):
+        v = is_val(i, n_val)
+        n_val += v
+        out.append(docs["val" if v else "train"].pop(0))
+    assert not docs["train"] and not docs["val"]
+    return out, tok
+
+
+ODD_TEXTS = ["first, ünïcode ✓\n", "", 'quotes " and \\ backslash\r\n', "x" * 3000, "tab\tend"] + \
+            [f"doc {i}\n" for i in range(20)]
+
+
+def _write_input(kind, texts, root):
+    """texts as an input of `kind` in the folder root, the text in the field or column "body", two files of
+    records (in sorted order); returns prepare's inputs and keyword arguments."""
+    root.mkdir(parents=True)
+    if kind == "files":
+        for i, t in enumerate(texts):
+            (root / f"{i:03d}.txt").write_bytes(t.encode())
+        return [str(root)], {}
+    halves = texts[:10], texts[10:]
+    lines = ["".join(json.dumps({"n": i, "body": t}) + "\n" for i, t in enumerate(h)).encode() for h in halves]
+    if kind == "parquet":
+        pa = pytest.importorskip("pyarrow", reason="pyarrow is optional: pip install pyarrow")
+        import pyarrow.parquet as pq
+        for j, h in enumerate(halves):  # small row groups: several reads per file
+            pq.write_table(pa.table({"n": list(range(len(h))), "body": h}), root / f"{j}.parquet", row_group_size=4)
+    elif kind == "zst":
+        zstd = pytest.importorskip("zstandard", reason="zstandard is optional: pip install zstandard")
+        for j, raw in enumerate(lines):  # two frames per file, as concatenated .zst files have
+            c = zstd.ZstdCompressor()
+            (root / f"{j}.jsonl.zst").write_bytes(c.compress(raw[:50]) + c.compress(raw[50:]))
+    elif kind == "hf":
+        pytest.importorskip("datasets", reason="datasets is optional: pip install datasets")
+        (root / "data").mkdir()
+        for j, raw in enumerate(lines):
+            (root / "data" / f"train-{j}.jsonl").write_bytes(raw)
+        return [], dict(hf_dataset=str(root))
+    else:
+        import gzip
+        for j, raw in enumerate(lines):
+            (root / f"{j}.jsonl{'.gz' if kind == 'gz' else ''}").write_bytes(gzip.compress(raw) if kind == "gz" else raw)
+    return [str(root)], {}
+
+
+@pytest.mark.parametrize("kind", ["files", "jsonl", "gz", "zst", "parquet", "hf"])
+def test_every_input_kind_roundtrips(tmp_path, kind):
+    """Text files, JSON lines (plain, gzip, zstd), Parquet and a streamed Hugging Face dataset (a local one):
+    decoding the .bin files gives back the texts in input order, each followed by the separator."""
+    inputs, kw = _write_input(kind, ODD_TEXTS, tmp_path / "in")
+    field = {} if kind == "files" else {"text_field": "body"}
+    folder = prepare.prepare("c", inputs, out_dir=tmp_path / "out", quiet=True, val_fraction=0.25, **kw, **field)
+    docs, tok = _in_order(folder)
+    assert [tok.decode(d[:-1].tolist()) for d in docs] == ODD_TEXTS and all(d[-1] == tok.sep_id for d in docs)
+    meta = data.load_meta(folder)
+    assert (meta["val_docs"], meta["train_docs"], meta["val_fraction"]) == (7, 18, 0.25)  # documents 0, 4, ... 24
+    assert meta["inputs"] == ([f"hf:{tmp_path / 'in'}:train"] if kind == "hf" else [str(tmp_path / "in")])
+    if kind != "files":  # the field is named when it is missing
+        with pytest.raises(common.UserError, match="'text'"):
+            prepare.prepare("d", inputs, out_dir=tmp_path / "out", quiet=True, **kw)
+    if kind == "hf":
+        with pytest.raises(common.UserError, match="nope") as e:
+            prepare.prepare("d", [], out_dir=tmp_path / "out", quiet=True, hf_split="nope", **kw)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind,module,pip", [("parquet", "pyarrow.parquet", "pyarrow"), ("zst", "zstandard", "zstandard"),
+                                             ("hf", "datasets", "datasets"), ("json", "tokenizers", "tokenizers")])
+def test_optional_packages_named_before_anything_is_written(tmp_path, monkeypatch, kind, module, pip):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    (tmp_path / "a.parquet").write_bytes(b"PAR1")
+    (tmp_path / "a.jsonl.zst").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    inputs = {"parquet": ["a.parquet"], "zst": ["a.jsonl.zst"]}.get(kind, ["tokenizer.json"])
+    kw = dict(hf_dataset=str(tmp_path)) if kind == "hf" else dict(tokenizer=str(tmp_path / "tokenizer.json")) if kind == "json" else {}
+    with pytest.raises(common.UserError, match=f"pip install {pip}"):
+        prepare.prepare("x", [str(tmp_path / i) for i in inputs] if kind != "hf" else [], out_dir=tmp_path / "out",
+                        quiet=True, **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_rule():
+    rule = prepare.split_rule(0.05)  # the built-in corpus's rule, exactly, however far
+    assert all(rule(i, 0) == (i % 20 == 0) for i in range(100_000))
+    assert [i for i in range(30) if prepare.split_rule(0.1)(i, 0)] == [0, 10, 20]
+    assert [i for i in range(10) if prepare.split_rule(0.3)(i, 0)] == [0, 4, 7]  # floor(0.3 i) steps up
+    capped, n, taken = prepare.split_rule(0.5, val_docs=3), 0, []
+    for i in range(20):
+        if capped(i, n):
+            n, taken = n + 1, taken + [i]
+    assert taken == [0, 2, 4]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tokenizing_threads_keep_order(tmp_path, gpt2, monkeypatch, workers):
+    """Chunks far smaller than the corpus, tokenized by 1 or 2 threads: the files hold exactly each document's
+    encode_ordinary ids (text that looks like a special token, or is not valid UTF-8, included) and its separator."""
+    texts = [f"def f_{i}(x):\n    return x * {i}  # ✓ {'<|endoftext|>' if i % 7 == 0 else ''}\n" * (i % 13 + 1)
+             for i in range(300)] + ["lone surrogate \ud800 here"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 300)
+    folder = prepare.prepare("t", [str(tmp_path / "in.jsonl")], tokenizer="gpt2", out_dir=tmp_path, workers=workers, quiet=True)
+    docs, _ = _in_order(folder)
+    assert [d.tolist() for d in docs] == [gpt2.encode(t) + [50256] for t in texts]
+
+
+def test_append_equals_one_prepare(tmp_path, monkeypatch):
+    """--append: the same files and meta.json as one prepare over all the inputs, the validation limit reached
+    across the runs; a failed or interrupted append leaves the corpus as its meta.json describes it."""
+    path = {}
+    for name, n in (("a", 30), ("b", 25), ("c", 5)):
+        path[name] = tmp_path / f"{name}.jsonl"
+        path[name].write_text("".join(json.dumps({"text": f"{name} {i} " * i}) + "\n" for i in range(n)))
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 10)  # a chunk per document: a failing input fails after some writes
+    opts = dict(out_dir=tmp_path / "out", quiet=True)
+    one = Path(prepare.prepare("one", [str(path["a"]), str(path["b"])], val_fraction=0.1, val_docs=4, **opts))
+    two = Path(prepare.prepare("two", [str(path["a"])], val_fraction=0.1, val_docs=4, **opts))
+    prepare.prepare("two", [str(path["b"])], append=True, **opts)
+
+    def same(x, y):
+        for f in ("train.bin", "val.bin"):
+            assert (x / f).read_bytes() == (y / f).read_bytes(), f
+        assert json.loads((x / "meta.json").read_text()) == json.loads((y / "meta.json").read_text())
+
+    same(one, two)
+    assert data.load_meta(two)["val_docs"] == 4  # documents 0, 10, 20 (first run), 30 (second); then the limit
+    with open(two / "train.bin", "ab") as f:
+        f.write(b"junk!!")  # what a killed --append leaves
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n' * 3 + '{"txt": 1}\n')
+    with pytest.raises(common.UserError, match="bad.jsonl:4"):
+        prepare.prepare("two", [str(path["c"]), str(tmp_path / "bad.jsonl")], append=True, **opts)
+    same(one, two)
+    prepare.prepare("two", [str(path["c"])], append=True, **opts)
+    same(Path(prepare.prepare("three", [str(path["a"]), str(path["b"]), str(path["c"])], val_fraction=0.1, val_docs=4, **opts)), two)
+    with pytest.raises(common.UserError, match="val_fraction=0.1, this run asks for 0.5"):
+        prepare.prepare("two", [str(path["c"])], append=True, val_fraction=0.5, **opts)
+    with pytest.raises(common.UserError, match="drop --append"):
+        prepare.prepare("none", [str(path["c"])], append=True, **opts)
+
+
+def test_progress_line(tmp_path, monkeypatch, capsys):
+    """A long input reports documents, tokens, MB/s and an ETA on stderr, a line every few seconds."""
+    monkeypatch.setattr(prepare, "REPORT_AFTER", 0)  # the first line at once; the next one 5 s later at the earliest
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": "x" * 1000}) + "\n" for _ in range(50)))
+    prepare.prepare("p", [str(tmp_path / "in.jsonl")], out_dir=tmp_path, quiet=False)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("prepare: 1 docs, 1,001 tokens, ") and " MB/s, " in err[0], err
+    assert "%, ETA " in err[0]
+
+
+def _hf_tokenizer_file(folder, eos="</s>"):
+    """A small byte-level BPE tokenizer.json trained here, with a tokenizer_config.json naming its eos_token."""
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizers is optional: pip install tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([f"def f_{i}(self, x):\n    return self.x + {i}\n" for i in range(200)], trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": eos}}))
+    return tok, folder / "tokenizer.json"
+
+
+def test_tokenizer_json(tmp_path):
+    """--tokenizer=PATH/tokenizer.json: a Hugging Face tokenizer; the separator is its eos_token, no other
+    special token is added, and the model's vocab_size follows it."""
+    ref, path = _hf_tokenizer_file(tmp_path / "tok")
+    tok = prepare.get_tokenizer(str(path))
+    assert (tok.name, tok.vocab_size, tok.sep_id) == (str(path), ref.get_vocab_size(True), 2)
+    s = "def ünïcode(self):\n    return 'ok ✓'\n"
+    assert tok.encode(s) == ref.encode(s).ids and tok.decode(tok.encode(s)) == s
+    for i, t in enumerate(ODD_TEXTS):
+        (tmp_path / "src" / f"{i:02d}.py").parent.mkdir(exist_ok=True)
+        (tmp_path / "src" / f"{i:02d}.py").write_text(t * 10)
+    folder = prepare.prepare("h", [str(tmp_path / "src")], tokenizer=str(path), out_dir=tmp_path / "data", quiet=True)
+    docs, tok2 = _in_order(folder)
+    assert [tok2.decode(d.tolist()) for d in docs] == [t * 10 + "</s>" for t in ODD_TEXTS]
+    s = train.train(tiny_cfg(tmp_path / "data", tmp_path / "out", dataset="h", block_size=32, max_iters=2, eval_interval=2,
+                             warmup_iters=1))
+    assert s["model"].cfg.vocab_size == tok.vocab_size and np.isfinite(s["train_losses"]).all()
+    _hf_tokenizer_file(tmp_path / "noeos", eos="<none>")
+    (tmp_path / "noeos" / "tokenizer.json").write_text((tmp_path / "noeos" / "tokenizer.json").read_text().replace("</s>", "<x>"))
+    with pytest.raises(common.UserError, match="no end-of-document token"):
+        prepare.get_tokenizer(str(tmp_path / "noeos" / "tokenizer.json"))
+
+
+def test_hf_export_carries_the_tokenizer_json(tmp_path):
+    """A model trained on a tokenizer.json corpus exports with that tokenizer, as transformers and lm-eval need it."""
+    pytest.importorskip("safetensors", reason="safetensors is optional: pip install safetensors")
+    _, path = _hf_tokenizer_file(tmp_path / "tok")
+    hf.export(small_model("llama"), {"meta": {"tokenizer": str(path)}}, str(tmp_path / "out"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "tok" / name).read_bytes()
+
+def test_pad_vocab_to(data_root, tmp_path, monkeypatch, capsys):
+    """pad_vocab_to rounds the vocabulary the model takes from the tokenizer up (257 bytes -> 320; 261 with
+    BERT's specials -> 320); an explicit vocab_size is kept; the padded rows are never sampled."""
+    meta = data.load_meta(data_root / "pystdlib")
+    pad = lambda **kw: train.model_config(dict(train.DEFAULTS, pad_vocab_to=64, **kw), meta).vocab_size  # noqa: E731
+    assert (pad(), pad(objective="mlm_nsp", model="bert-tiny"), pad(vocab_size=300)) == (320, 320, 300)
+    s = train.train(tiny_cfg(data_root, tmp_path, pad_vocab_to=64, max_iters=2, eval_interval=2, warmup_iters=1))
+    net = s["model"].eval()
+    assert net.cfg.vocab_size == 320 and net.lm_head.weight.shape[0] == 320
+    net.lm_head.register_forward_hook(lambda m, i, out: out + 1e4 * (torch.arange(320) >= 257))  # padding would win
+    x = torch.tensor([[10, 100]])
+    assert (net.generate(x, 8, temperature=1.0)[0, 2:] >= 257).all()  # (the hook bites)
+    assert (net.generate(x, 8, temperature=1.0, vocab=257)[0, 2:] < 257).all()
+    import sample
+    widths = []
+    real = M.sample_next
+    monkeypatch.setattr(M, "sample_next", lambda logits, *a: widths.append(logits.size(-1)) or real(logits, *a))
+    assert sample.main([f"--ckpt={tmp_path}", "--max_new_tokens=3", "--num_samples=1", "--device=cpu"]) == 0
+    assert widths == [257] * 3  # sample.py draws from the tokenizer's ids only
+
+
+def test_recipe_configs_run(tmp_path, monkeypatch):
+    """Every config file trains 2 steps on CPU, as written but for sizes, device and step counts, on a tiny
+    stand-in for its corpus (bytes; labelled for objective='classify'). The configs that fine-tune run after
+    the others, from the checkpoints those wrote to the paths they name."""
+    monkeypatch.chdir(tmp_path)  # configs name relative out_dir and init_from paths
+    monkeypatch.setattr(train, "peak_flops", lambda *a: (1e12, "not measured"))  # saves a second per run
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 8,
+                                                           "label": "even" if i % 2 else "odd"}) + "\n" for i in range(40)))
+    plain = Path(prepare.prepare("plain", [str(tmp_path / "in.jsonl")], out_dir=tmp_path / "data", quiet=True))
+    labelled = Path(prepare.prepare_classify("labelled", [str(tmp_path / "in.jsonl")], out_dir=tmp_path / "data", quiet=True))
+    small = dict(n_layer=1, n_head=2, n_kv_head=0, n_embd=32, ffn_hidden=0, block_size=64)
+    steps = dict(seq_len=0, max_iters=2, eval_interval=2, eval_iters=1, warmup_iters=1, log_interval=1, batch_size=2, device="cpu",
+                 dtype="float32", compile=False, parallel="single", threads=1, data_root="data")
+    configs = sorted((REPO / "config").glob("*.py"), key=lambda p: (train.get_config([str(p)])["init_from"] != "scratch", p.name))
+    assert len(configs) >= 7
+    for path in configs:
+        cfg = train.get_config([str(path)])
+        scratch = cfg["init_from"] == "scratch"
+        if not (tmp_path / "data" / cfg["dataset"]).exists():
+            shutil.copytree(labelled if cfg["objective"] == "classify" else plain, tmp_path / "data" / cfg["dataset"])
+        cfg = train.get_config([str(path)] + [f"--{k}={v}" for k, v in {**(small if scratch else {}), **steps}.items()])
+        s = train.train(cfg)
+        assert s["step"] == 2 and len(s["evals"]) == 2 and np.isfinite(s["train_losses"]).all(), path.name
+        specials = data.N_SPECIAL if cfg["objective"] != "clm" else 0
+        if scratch:  # the architecture is the preset's, the vocabulary the config's or the corpus's
+            expect = {**M.PRESETS[cfg["model"]], **{k: cfg[k] for k in train.MODEL_KEYS if cfg.get(k) is not None}}
+            assert all(getattr(s["model"].cfg, k) == v for k, v in expect.items() if k not in small and k != "vocab_size")
+            assert s["model"].cfg.vocab_size == (cfg["vocab_size"] or data.model_vocab(257 + specials, cfg["pad_vocab_to"]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1573,6 +1829,15 @@ def test_bench_steps_through_train(monkeypatch):
     assert len(calls) == 1 + 2 and r["steps"] == 2  # warmup and timed steps are train.py's own step
     assert r["provenance"]["torch"] == torch.__version__
 
+
+def test_bench_prepare_mode(gpt2, monkeypatch):
+    """bench.py --prepare: prepare.py's tokens/s against a plain encode_ordinary loop, on the same documents."""
+    monkeypatch.setattr(bench, "PREPARE_ROUNDS", 1)
+    res = bench.main(["--prepare=1"])
+    threads = min(os.cpu_count() or 1, 8)
+    assert set(res["variants"]) == {"encode_ordinary loop", "prepare.py, 1 thread", f"prepare.py, {threads} threads"}
+    assert 1 <= res["mb"] < 1.1 and 1e5 < res["tokens"] < 1e6  # (every variant counted the same tokens)
+    assert res["variants"]["encode_ordinary loop"]["speedup"] == 1.0
 
 def test_bench_args():
     opts, rest = bench.parse_args(["--estimate", "llama-7b", "--gpus", "64", "--parallel", "fsdp", "--json"])
@@ -2454,7 +2719,7 @@ def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkey
     for argv, named in cross:
         status, err = main_fails(argv, data_root, tmp_path, monkeypatch, capsys)
         assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and named in err, (argv, err)
-    assert len(train.DEFAULTS) == 56 and len(cases) == 92 and len(cross) == 19  # keys and cases covered
+    assert len(train.DEFAULTS) == 57 and len(cases) == 93 and len(cross) == 19  # keys and cases covered
 
 
 def test_cli_error_is_one_line_and_oom_is_named(data_root, tmp_path, monkeypatch, capsys):
@@ -2530,13 +2795,15 @@ def test_other_clis_check_every_argument_first(tmp_path, monkeypatch, capsys):
     # prepare.py: every argument, one line each, nothing written
     out = tmp_path / "prep"
     bad = [["--name="], ["--name=a/b"], ["--input=nope*.txt", "--name=x"], ["--input=x.txt"], ["--tokenizer=nope"],
-           ["--out_dir=", "--name=x"], ["--workers=0"], ["--workers=two"], ["--classify=1"], ["--quiet=no"], ["--nam=x"]]
+           ["--out_dir=", "--name=x"], ["--workers=0"], ["--workers=two"], ["--classify=1"], ["--quiet=no"], ["--nam=x"],
+           ["--val_fraction=1.5"], ["--val_docs=0"], ["--text_field="], ["--hf_config=sample-10BT"], ["--hf_dataset=x"],
+           ["--append"]]
     for argv in bad:
         r = subprocess.run([sys.executable, str(REPO / "prepare.py"), f"--out_dir={out}", *argv], capture_output=True,
                            text=True, cwd=tmp_path)
         assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
         assert argv[0].split("=")[0].lstrip("-")[:3] in r.stderr and not out.exists(), (argv, r.stderr)
-    assert (n_sample, len(cases) + 1, len(bad)) == (19, 14, 11)  # cases per CLI, for the closing note
+    assert (n_sample, len(cases) + 1, len(bad)) == (19, 16, 17)  # cases per CLI, for the closing note
 
 
 def bad_values_of(annotation):

@@ -61,6 +61,7 @@ gradient_accumulation_steps: Annotated[int, at_least(1)] = 1  # micro-steps per 
 # model: a preset from model.PRESETS; the fields after it override the preset (None: keep the preset's)
 model: Annotated[str, one_of(*M.PRESETS)] = "tiny"
 vocab_size: Annotated[int, at_least(1)] = None        # None: the dataset's vocabulary (meta.json)
+pad_vocab_to: Annotated[int, at_least(0)] = 0         # round the dataset's vocabulary up to a multiple of this (64: faster matmuls; data.model_vocab)
 block_size: Annotated[int, at_least(1)] = None
 n_layer: Annotated[int, at_least(1)] = None
 n_head: Annotated[int, at_least(1)] = None
@@ -253,7 +254,7 @@ def model_config(cfg, meta=None, ckpt_args=None):
             mcfg = M.ModelConfig(**dict(ckpt_args, **task, dropout=cfg["dropout"] if cfg["dropout"] is not None else ckpt_args["dropout"]))
         else:
             overrides = {**({"type_vocab_size": 2} if task else {}), **task, **{k: cfg[k] for k in MODEL_KEYS if cfg.get(k) is not None}}
-            mcfg = M.config_from_preset(cfg["model"], **{**({"vocab_size": vocab} if vocab else {}), **overrides})
+            mcfg = M.config_from_preset(cfg["model"], **{**({"vocab_size": data.model_vocab(vocab, cfg["pad_vocab_to"])} if vocab else {}), **overrides})
     except ValueError as e:
         raise UserError(str(e)) from None
     if mcfg.head != head:

@@ -5,9 +5,11 @@
 # position embeddings past 128. The model's position table always has 512 rows (block_size).
 # (The paper decays the learning rate linearly to 0; train.py decays on a cosine to min_lr.)
 #
-# Data: a prepared corpus whose documents are real documents (NSP pairs never straddle them), with a
-# tiktoken tokenizer (BERT's own WordPiece vocabulary is not included), e.g.
-#   python prepare.py --name=wiki --input=wiki/*.jsonl --tokenizer=gpt2
+# Data: English Wikipedia (BERT's BooksCorpus is not public), one article per document, so NSP pairs never
+# straddle two; GPT-2's BPE (a tokenizer.json works too, e.g. BERT's own WordPiece):
+#   pip install datasets
+#   python prepare.py --name=wiki --hf_dataset=wikimedia/wikipedia --hf_config=20231101.en --tokenizer=gpt2 \
+#                     --val_docs=10000
 # Phase 1, sequence 128, steps 0 -> 900k, 8 GPUs (32 sequences each):
 #   torchrun --standalone --nproc_per_node=8 train.py config/bert_base.py
 # Phase 2, sequence 512, steps 900k -> 1M: resume the same run with longer sequences, same global batch:
@@ -17,7 +19,7 @@ out_dir = "out-bert-base"
 objective = "mlm_nsp"
 dataset = "wiki"
 model = "bert-base"
-vocab_size = 50304          # gpt2's 50257 + [CLS] [SEP] [MASK] [PAD], padded up to a multiple of 64
+pad_vocab_to = 64           # gpt2's 50257 + [CLS] [SEP] [MASK] [PAD] = 50261 -> 50304 rows: faster matmuls
 seq_len = 128               # phase 2: 512
 batch_size = 32             # per GPU; x 8 GPUs = 256 sequences per step
 gradient_accumulation_steps = 1
