@@ -991,7 +991,7 @@ def test_recipe_configs_run(tmp_path, monkeypatch):
     stand-in for its corpus (bytes; labelled for objective='classify'). The configs that fine-tune run after
     the others, from the checkpoints those wrote to the paths they name."""
     monkeypatch.chdir(tmp_path)  # configs name relative out_dir and init_from paths
-    monkeypatch.setattr(train, "peak_flops", lambda *a: (1e12, "not measured"))  # saves a second per run
+    monkeypatch.setattr(logger, "peak_flops", lambda *a: (1e12, "not measured"))  # saves a second per run
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 8,
                                                            "label": "even" if i % 2 else "odd"}) + "\n" for i in range(40)))
     plain = Path(prepare.prepare("plain", [str(tmp_path / "in.jsonl")], out_dir=tmp_path / "data", quiet=True))
@@ -2719,7 +2719,7 @@ def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkey
     for argv, named in cross:
         status, err = main_fails(argv, data_root, tmp_path, monkeypatch, capsys)
         assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and named in err, (argv, err)
-    assert len(train.DEFAULTS) == 57 and len(cases) == 93 and len(cross) == 19  # keys and cases covered
+    assert len(train.DEFAULTS) == 57 and len(cases) == 94 and len(cross) == 19  # keys and cases covered
 
 
 def test_cli_error_is_one_line_and_oom_is_named(data_root, tmp_path, monkeypatch, capsys):
