@@ -91,18 +91,19 @@ def parse_args(argv):
 # memory estimate: arithmetic only, per GPU (per process), in bytes
 
 def count_params(mcfg):
-    """(all parameters, one block's) counted exactly on the meta device: nothing is allocated."""
+    """(all parameters, one block's, one decoder block's or 0) counted exactly on the meta device: nothing is allocated."""
     with torch.device("meta"):
         m = M.Transformer(mcfg)
-    return m.num_params(), sum(p.numel() for p in m.blocks[0].parameters())
+    dec = sum(p.numel() for p in m.dec_blocks[0].parameters()) if mcfg.n_dec_layer else 0
+    return m.num_params(), sum(p.numel() for p in m.blocks[0].parameters()), dec
 
 
 def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activation_checkpointing, unsharded_grads=False):
     """Bytes per GPU (per process) for train.py's setup: fp32 master weights and gradients, AdamW's two
     fp32 states, activations at the per-GPU batch and sequence length, and other buffers; `total` is
     the estimated peak. activation_checkpointing: 'none'/'full' (or False/True)."""
-    n, n_block = count_params(mcfg)
-    n_rest = n - mcfg.n_layer * n_block  # embeddings, final norm, LM head (FSDP's root unit)
+    n, n_block, n_dec = count_params(mcfg)
+    n_rest = n - mcfg.n_layer * n_block - mcfg.n_dec_layer * n_dec  # embeddings, final norm, LM head (FSDP's root unit)
     e = (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize  # compute dtype bytes
     ckpt = activation_checkpointing in (True, "full")
     s, b, h, f, a, V = seq_len, batch_size, mcfg.n_embd, mcfg.ffn_hidden, mcfg.n_head, mcfg.vocab_size
@@ -121,9 +122,12 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
             # takes GQA's narrow k, v as they are, torch 2.5+: no repeated copies)
             + (g + 1 if mcfg.pos == "rope" else 0))  # RoPE'd k is a copy (v still holds the whole kv
             # projection), and RoPE'd q makes SDPA's output (B,H,T,D): proj copies it
-    mlp = 1 + (4 if mcfg.mlp == "swiglu" else 2) * f / h  # input; GELU in+out; SwiGLU up, silu(gate), product
+    mlp = 1 + (4 if mcfg.mlp in M.GATED else 2) * f / h  # input; GELU in+out; SwiGLU up, silu(gate), product
     copies = e if amp else 0  # autocast's low-precision weight copies are saved for backward too
     layer = s * b * h * (2 * norm + e * (attn + mlp)) + 4 * a * s * b + copies * n_block
+    # an encoder-decoder's decoder block: the same, plus a cross-attention costed like the self-attention (the
+    # decoder taken as long as the encoder: an upper bound for T5's shorter targets)
+    dec_layer = layer + s * b * h * (norm + e * attn) + 4 * a * s * b + copies * (n_dec - n_block) if n_dec else 0
     if mcfg.head == "lm" and M.LOSS_CHUNK_BYTES:
         # the head at the fused loss's peak, in its forward (model.LinearCrossEntropy): final norm, LM-head input,
         # the loss's gradients w.r.t. that input (compute dtype) and the weight (fp32), and one chunk of rows at
@@ -137,17 +141,18 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
         head = s * b * h * (norm + e) + s * b * V * (e + 4 + 8)
     head += copies * n_rest
     # full checkpointing keeps each block's fp32 input and recomputes one block at a time in backward
-    acts = (mcfg.n_layer * R * s * b * h + layer if ckpt else mcfg.n_layer * layer) + head
+    n_blocks = mcfg.n_layer + mcfg.n_dec_layer
+    acts = (n_blocks * R * s * b * h + max(layer, dec_layer) if ckpt else mcfg.n_layer * layer + mcfg.n_dec_layer * dec_layer) + head
 
     if parallel == "fsdp":  # gathered compute-dtype params of the root and two blocks (one prefetched),
         # plus the largest unit's unsharded gradient and its fp32 copy for reduce-scatter
-        buffers = e * (n_rest + 2 * n_block) + (e + 4) * max(n_block, n_rest)
+        buffers = e * (n_rest + 2 * max(n_block, n_dec)) + (e + 4) * max(n_block, n_dec, n_rest)
     else:  # DDP: train.py uses gradient_as_bucket_view=True, so gradients live in the buckets, no second copy
         buffers = 0
     out = dict(n_params=n, **state_bytes(n, world, parallel, unsharded_grads), activations=acts, buffers=buffers)
     # gradients are allocated (zero_grad sets them to None) as the backward pass frees activations, so the
     # peak is at its start (all activations) or at the first block (nearly all gradients, one block's)
-    out["total"] = out["params"] + out["optimizer"] + buffers + max(acts, out["grads"] + layer)
+    out["total"] = out["params"] + out["optimizer"] + buffers + max(acts, out["grads"] + max(layer, dec_layer))
     return out
 
 
