@@ -1283,6 +1283,80 @@ def test_sample_fills_masks(bert_pretrained):
     assert r.returncode != 0 and "[MASK]" in r.stderr and "Traceback" not in r.stderr
 
 
+# the encoder-decoder through train.py and sample.py (these need model.py's T5: n_dec_layer > 0)
+
+T5_CFG = dict(objective="span", model="t5-tiny", n_layer=2, n_embd=64, n_head=4, block_size=None, seq_len=64)
+
+
+def t5_cfg(data_root, out, demo=None, **kw):
+    """tiny_cfg for the small T5 above; with demo (the t5_demo folder), seq2seq on the demo task."""
+    where = dict(objective="seq2seq", data_root=str(demo.parent), dataset=demo.name) if demo else {}
+    return {**tiny_cfg(data_root, out, **{**T5_CFG, **kw}), **where}
+
+
+def test_t5_objectives_need_an_encoder_decoder(data_root, tmp_path):
+    with pytest.raises(ValueError, match="objective='span' needs an encoder-decoder model"):
+        train.train(tiny_cfg(data_root, tmp_path, objective="span"))
+    with pytest.raises(ValueError, match="trains with objective='span' or 'seq2seq', not 'clm'"):
+        train.train(t5_cfg(data_root, tmp_path, objective="clm"))
+    with pytest.raises(ValueError, match="dec_len=8 is the decoder's length, which objective='clm' has not"):
+        train.train(tiny_cfg(data_root, tmp_path, dec_len=8))
+    with pytest.raises(ValueError, match="dec_len=13 is shorter than the 14 target tokens of span corruption at seq_len=64"):
+        train.train(t5_cfg(data_root, tmp_path, dec_len=13))
+    with pytest.raises(ValueError, match="not a seq2seq corpus"):
+        train.train(t5_cfg(data_root, tmp_path, objective="seq2seq"))
+    cfg = train.check_config(t5_cfg(data_root, tmp_path))  # a T5 preset is accepted
+    assert train.model_config(cfg, data.load_meta(data_root / "pystdlib")).vocab_size == 257 + 4 + 100
+
+
+@pytest.mark.parametrize("objective", ["span", "seq2seq"])
+def test_t5_exact_resume(data_root, t5_demo, tmp_path, objective):
+    common = dict(batch_size=4, max_iters=6, eval_interval=3, lr_decay_iters=6, warmup_iters=2, dropout=0.1,
+                  gradient_accumulation_steps=2, eval_iters=2)
+    demo = t5_demo if objective == "seq2seq" else None
+    full = train.train(t5_cfg(data_root, tmp_path / "a", demo, **common))
+    half = train.train(t5_cfg(data_root, tmp_path / "b", demo, **{**common, "max_iters": 3}))
+    rest = train.train(t5_cfg(data_root, tmp_path / "b", demo, **common, init_from="resume"))
+    assert half["train_losses"] + rest["train_losses"] == full["train_losses"]  # bit for bit
+    a, b = full["model"].state_dict(), rest["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and full["metrics"] == rest["metrics"]
+
+
+@pytest.fixture(scope="session")
+def t5_seq2seq(data_root, t5_demo, tmp_path_factory):
+    """A small T5 trained from scratch on the demo task, and its out_dir."""
+    out = tmp_path_factory.mktemp("t5")
+    return train.train(t5_cfg(data_root, out, t5_demo, **T5_DEMO_RUN)), out
+
+
+T5_DEMO_RUN = dict(batch_size=32, max_iters=300, eval_interval=150, eval_iters=7, warmup_iters=30, learning_rate=3e-3, min_lr=3e-4)
+
+
+def test_t5_demo_task_beats_the_copy_baseline(t5_seq2seq):
+    import sample
+    s, out = t5_seq2seq
+    assert s["evals"][-1][1] < s["evals"][0][1] - 2.0, s["evals"]
+    net, ckpt = sample.load_model(str(out / "best.pt"))
+    r = sample.evaluate_exact_match(net, ckpt, "val")
+    assert r["exact_match"] > max(r["baselines"].values()) + 0.05, r  # measured: ...
+    res = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out}", "--exact_match=val", "--device=cpu"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and f"{r['exact_match']:.1%} of {r['n']} examples" in res.stdout, res.stderr
+    source = "def get(self, key, default=None):"
+    res = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out}", f"--source={source}", "--device=cpu"],
+                         capture_output=True, text=True)
+    tok = prepare.get_tokenizer_from_meta(ckpt["meta"])
+    want = tok.decode(sample.generate_targets(net, ckpt["meta"], [tok.encode(source)], 64, 300, temperature=0.0)[0])
+    assert res.returncode == 0 and res.stdout == f"{want}\n---------- sample 1\n", (res.stdout, res.stderr)  # greedy: one
+
+
+def test_sample_source_needs_an_encoder_decoder(bert_pretrained):
+    _, out = bert_pretrained
+    for arg in ("--source=def f(a, b):", "--exact_match=val"):
+        r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out / 'best.pt'}", arg], capture_output=True, text=True)
+        assert r.returncode == 2 and "need an encoder-decoder checkpoint" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
 # distributed: DDP, FSDP (with bf16 and activation checkpointing) on the MLM+NSP objective, 2 ranks
 
 BERT_DIST = dict(BERT_CFG, batch_size=4, gradient_accumulation_steps=2, max_iters=4, eval_interval=2, eval_iters=2,
