@@ -118,20 +118,24 @@ def load_split(data_dir, split, meta=None):
 
 
 
-def open_splits(data_dir, meta, objective, T, dec_len=0):
-    """(train, val) as the batch builders take them, for rows of T tokens: the token arrays for clm, each split
-    indexed by t5_corpus for span and seq2seq (dec_len: the decoder's length, 0 derives it), else by
-    encoder_corpus."""
+def open_splits(data_dir, meta, objective):
+    """(train, val) as the batch builders take them: the token arrays for clm, else each split indexed by
+    encoder_corpus, or by t5_corpus for span and seq2seq (whose rows fit_splits then sizes)."""
     if objective == "clm":
         return load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
-    if objective in T5_OBJECTIVES:
-        return tuple(t5_corpus(data_dir, s, meta, objective, T, dec_len) for s in ("train", "val"))
-    return tuple(encoder_corpus(data_dir, s, meta, objective) for s in ("train", "val"))
+    corpus = t5_corpus if objective in T5_OBJECTIVES else encoder_corpus
+    return tuple(corpus(data_dir, s, meta, objective) for s in ("train", "val"))
+
+
+def fit_splits(splits, objective, T, dec_len=0):
+    """The splits, for rows of T tokens: span and seq2seq splits sized and checked by t5_fit (dec_len: the
+    decoder's length, 0 derives it); the others as they are."""
+    return tuple(t5_fit(c, objective, T, dec_len) for c in splits) if objective in T5_OBJECTIVES else splits
 
 
 def train_batch(split, objective, T, rows, n_rows, seed, step):
     """Rows `rows` (a range of global row numbers) of training step `step`, whose global batch has n_rows."""
-    if objective in T5_OBJECTIVES:  # (T is the split's own, set by t5_corpus)
+    if objective in T5_OBJECTIVES:  # (T is the split's own, set by fit_splits)
         return t5_batch(split, objective, rows, n_rows, seed, step)
     if objective != "clm":
         return encoder_batch(split, T, objective, rows, seed, step)
@@ -388,28 +392,33 @@ def span_uncorrupt(inputs, targets, base):
     return [u for t in inputs[:-1] for u in (spans.get(int(t), []) if is_sentinel(t) else [int(t)])]
 
 
-def t5_corpus(data_dir, split, meta, objective, T, dec_len=0):
-    """One split for the encoder-decoder, checked for rows of T encoder tokens and D decoder tokens (dec_len,
-    or if 0: T5's target length for span, T for seq2seq). span: windows of `raw` tokens anywhere in the split
-    (as clm's, across documents); seq2seq: the documents, example k being documents 2k and 2k + 1."""
+def t5_corpus(data_dir, split, meta, objective):
+    """One split for the encoder-decoder. span: the tokens, cut into windows anywhere (as clm's, across
+    documents); seq2seq: the documents indexed, example k being documents 2k and 2k + 1."""
     if objective == "span":
-        raw, need = span_lengths(T)
-        c = dict(data=load_split(data_dir, split, meta), raw=raw, base=meta["vocab_size"], sep_id=meta["sep_id"])
-        if len(c["data"]) < raw:
-            raise UserError(f"{data_dir}: the {split} split has {len(c['data'])} tokens, fewer than the {raw} that span "
-                            f"corruption turns into seq_len={T}: lower seq_len or use more data")
-    else:
-        if not meta.get("seq2seq"):
-            raise UserError(f"{data_dir} is not a seq2seq corpus (meta.json has no 'seq2seq'); make one with: "
-                            f"python prepare.py --seq2seq --name=NAME --input=PAIRS.jsonl")
-        c, need = documents(data_dir, split, meta), 1
-        if len(c["ends"]) % 2:
-            raise UserError(f"{c['name']} holds {len(c['ends'])} documents, not (source, target) pairs; re-run prepare.py --seq2seq")
+        return dict(data=load_split(data_dir, split, meta), base=meta["vocab_size"], sep_id=meta["sep_id"],
+                    name=f"{data_dir}/{split}")
+    if not meta.get("seq2seq"):
+        raise UserError(f"{data_dir} is not a seq2seq corpus (meta.json has no 'seq2seq'); make one with: "
+                        f"python prepare.py --seq2seq --name=NAME --input=PAIRS.jsonl")
+    c = documents(data_dir, split, meta)
+    if len(c["ends"]) % 2:
+        raise UserError(f"{c['name']} holds {len(c['ends'])} documents, not (source, target) pairs; re-run prepare.py --seq2seq")
+    return c
+
+
+def t5_fit(c, objective, T, dec_len=0):
+    """A t5_corpus split for rows of T encoder tokens and D decoder tokens (dec_len, or if 0: T5's target
+    length for span, T for seq2seq), checked; span's windows are `raw` tokens long."""
+    raw, need = span_lengths(T) if objective == "span" else (0, 1)
+    if len(c["data"]) < raw:
+        raise UserError(f"{c['name']} has {len(c['data'])} tokens, fewer than the {raw} that span corruption turns "
+                        f"into seq_len={T}: lower seq_len or use more data")
     D = dec_len or (need if objective == "span" else T)
     if D < need:
         raise UserError(f"dec_len={dec_len} is shorter than the {need} target tokens of span corruption at seq_len={T}: "
                         f"raise it, or 0 to derive it")
-    return dict(c, T=T, D=D)
+    return dict(c, T=T, D=D, raw=raw)
 
 
 def t5_batch(c, objective, index, n_rows, seed=None, step=None):

@@ -1047,7 +1047,7 @@ def test_span_corruption_statistics(data_root):
     assert len(lengths) == 2000 * spans and lengths.mean() == pytest.approx(3.0, abs=0.05) and lengths.min() >= 1
     assert lengths.std() > 1.5 and (lengths == 1).mean() > 0.2  # T5's random segmentation, not fixed spans of 3
     assert masks[:, -1].all() and masks[:, 1:].any(0).all()  # runs alternate, the last one noise; spans anywhere
-    c = data.t5_corpus(data_root / "pystdlib", "val", meta, "span", T)
+    c = data.t5_fit(data.t5_corpus(data_root / "pystdlib", "val", meta, "span"), "span", T)
     n = 64
     b = data.eval_batch(c, "span", T, range(n), n)
     assert b["idx"].shape == (n, T) and b["dec_idx"].shape == b["targets"].shape == (n, D) and b["attn_mask"].all()
@@ -1061,7 +1061,7 @@ def test_span_corruption_statistics(data_root):
         assert data.span_uncorrupt(x, y, base) == c["data"][start:start + raw].tolist()
     again = data.eval_batch(c, "span", T, range(n - 4, n), n)
     assert all(np.array_equal(again[k], b[k][n - 4:]) for k in b)
-    train_c = data.t5_corpus(data_root / "pystdlib", "train", meta, "span", T)
+    train_c = data.t5_fit(data.t5_corpus(data_root / "pystdlib", "train", meta, "span"), "span", T)
     tb = data.train_batch(train_c, "span", T, range(0, 16), 16, 1, 7)  # a pure function of (seed, step, row)
     part = data.train_batch(train_c, "span", T, range(12, 16), 16, 1, 7)
     assert all(np.array_equal(part[k], tb[k][12:]) for k in tb)
@@ -1095,9 +1095,9 @@ def test_seq2seq_prepare_roundtrip_and_batches(tmp_path):
     assert meta["seq2seq"] is True and (meta["train_docs"], meta["val_docs"]) == (84, 6)  # two documents per example
     tok, sp, eos = prepare.get_tokenizer_from_meta(meta), data.special_ids(meta["vocab_size"]), meta["sep_id"]
     T, D = 24, 12
-    c = data.t5_corpus(tmp_path / "p", "val", meta, "seq2seq", T, D)
+    c = data.t5_fit(data.t5_corpus(tmp_path / "p", "val", meta, "seq2seq"), "seq2seq", T, D)
     assert [tuple(tok.decode(a.tolist()) for a in data.seq2seq_example(c, k)) for k in range(3)] == [pairs[0], pairs[20], pairs[40]]
-    train_c = data.t5_corpus(tmp_path / "p", "train", meta, "seq2seq", T)
+    train_c = data.t5_fit(data.t5_corpus(tmp_path / "p", "train", meta, "seq2seq"), "seq2seq", T)
     assert train_c["D"] == T and tok.decode(data.seq2seq_example(train_c, 41)[1].tolist()) == pairs[44][1]
     b = data.eval_batch(c, "seq2seq", T, range(4), 4)  # row 3: past the last example, example 0 again
     for row, (src, tgt) in enumerate([pairs[0], pairs[20], pairs[40], pairs[0]]):
@@ -1109,7 +1109,7 @@ def test_seq2seq_prepare_roundtrip_and_batches(tmp_path):
     tb = data.train_batch(train_c, "seq2seq", T, range(8), 8, 0, 3)
     assert all(np.array_equal(tb[k][4:], data.train_batch(train_c, "seq2seq", T, range(4, 8), 8, 0, 3)[k]) for k in tb)
     with pytest.raises(ValueError, match="not a seq2seq corpus"):
-        data.t5_corpus(tmp_path / "p", "val", {k: v for k, v in meta.items() if k != "seq2seq"}, "seq2seq", T)
+        data.t5_corpus(tmp_path / "p", "val", {k: v for k, v in meta.items() if k != "seq2seq"}, "seq2seq")
 
 
 def test_seq2seq_bad_jsonl_named_by_line(tmp_path):
@@ -1131,9 +1131,9 @@ def t5_demo(tmp_path_factory):
     return Path(prepare.prepare(prepare.SEQ2SEQ_DEMO, out_dir=tmp_path_factory.mktemp("t5demo"), quiet=True))
 
 
-def _pairs(folder, split, T=64):
+def _pairs(folder, split):
     meta = data.load_meta(folder)
-    tok, c = prepare.get_tokenizer_from_meta(meta), data.t5_corpus(folder, split, meta, "seq2seq", T)
+    tok, c = prepare.get_tokenizer_from_meta(meta), data.t5_corpus(folder, split, meta, "seq2seq")
     return [tuple(tok.decode(a.tolist()) for a in data.seq2seq_example(c, k)) for k in range(len(c["ends"]) // 2)]
 
 

@@ -200,6 +200,7 @@ def resolve_run(cfg, rt):
     barrier()
     meta = data.max_ids(data_dir)  # no rank reads a whole split here
     tokens = [data.load_split(data_dir, s, meta) for s in ("train", "val")]
+    splits = data.open_splits(data_dir, meta, cfg["objective"])
     ckpt, resuming = None, cfg["init_from"] == "resume"
     if cfg["init_from"].startswith("hf:"):  # a Hugging Face folder or hub name, as a fine-tune checkpoint
         import hf  # optional dependencies (safetensors...) only on this path
@@ -225,9 +226,8 @@ def resolve_run(cfg, rt):
         if meta[f"{split}_max_id"] >= mcfg.vocab_size:  # recorded by prepare.py: no pass over the data
             raise UserError(f"the {name} split holds token id {meta[f'{split}_max_id']} >= the model's vocab_size="
                              f"{mcfg.vocab_size}: the corpus does not fit this vocabulary; re-run prepare.py")
-    splits = data.open_splits(data_dir, meta, cfg["objective"], T, cfg["dec_len"])
     resolved = dict(cfg, device=str(rt.device), dtype=str(rt.dtype).split(".")[-1], parallel=rt.parallel, compile=rt.compile)
-    return Run(meta, splits, ckpt, resuming, mcfg, T, provenance(resolved, rt.device, rt.world))
+    return Run(meta, data.fit_splits(splits, cfg["objective"], T, cfg["dec_len"]), ckpt, resuming, mcfg, T, provenance(resolved, rt.device, rt.world))
 
 
 def model_config(cfg, meta=None, ckpt_args=None):
