@@ -1,7 +1,8 @@
 """
 Reading prepared corpora, and the batch builders of every objective: next-token windows (clm), MLM + NSP
-pairs (mlm_nsp) and labelled rows (classify). prepare.py writes the format below; train.py and bench.py
-read it only through this file.
+pairs (mlm_nsp), labelled rows (classify), and for the encoder-decoder T5's span corruption (span) and
+source/target pairs (seq2seq). prepare.py writes the format below; train.py and bench.py read it only
+through this file.
 
 Data format (the one place it is written down)
 ----------------------------------------------
@@ -45,8 +46,16 @@ Labelled corpora (for classification fine-tuning; prepare.py --classify, or the 
 Labelled corpora keep the fixed rule (line i of the inputs to val when i % 20 == 0) and
 have no inputs / val_fraction / val_docs_limit.
 
+Seq2seq corpora (prepare.py --seq2seq, or the built-in "stdlib_params") are the same three files,
+where example k is two documents in a row: document 2k its source, 2k+1 its target (so each split
+holds an even number of documents; example k goes to val.bin when k % 20 == 0), plus
+  meta.json           seq2seq       true
+
 The encoder objectives (MLM + NSP, classification) add 4 special tokens after the base
-vocabulary, nowhere in the files: [CLS] [SEP] [MASK] [PAD] = vocab_size + 0, 1, 2, 3.
+vocabulary, nowhere in the files: [CLS] [SEP] [MASK] [PAD] = vocab_size + 0, 1, 2, 3. The
+encoder-decoder objectives (span, seq2seq) add T5's 100 sentinels after those: sentinel k =
+vocab_size + 4 + k. Their decoder starts from [PAD] (as T5's does), and the end of a sequence
+(T5's EOS) is the separator sep_id.
 A model's vocab_size may be larger still (train.py's pad_vocab_to, see model_vocab):
 those rows are never a target and never sampled.
 
@@ -64,6 +73,7 @@ tensors. The rows of a training step are numbered globally (micro-step, then ran
 is a pure function of (seed, step, row number): resuming needs no sampler state, and every world size
 sees the same global batch. Validation rows are fixed: the same at every evaluation and in every run.
 """
+import itertools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -132,15 +142,24 @@ def load_split(data_dir, split, meta=None):
 
 
 def open_splits(data_dir, meta, objective):
-    """(train, val) as the batch builders take them: the token arrays for clm, else each split indexed
-    by encoder_corpus."""
+    """(train, val) as the batch builders take them: the token arrays for clm, else each split indexed by
+    encoder_corpus, or by t5_corpus for span and seq2seq (whose rows fit_splits then sizes)."""
     if objective == "clm":
         return load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
-    return tuple(encoder_corpus(data_dir, s, meta, objective) for s in ("train", "val"))
+    corpus = t5_corpus if objective in T5_OBJECTIVES else encoder_corpus
+    return tuple(corpus(data_dir, s, meta, objective) for s in ("train", "val"))
+
+
+def fit_splits(splits, objective, T, dec_len=0):
+    """The splits, for rows of T tokens: span and seq2seq splits sized and checked by t5_fit (dec_len: the
+    decoder's length, 0 derives it); the others as they are."""
+    return tuple(t5_fit(c, objective, T, dec_len) for c in splits) if objective in T5_OBJECTIVES else splits
 
 
 def train_batch(split, objective, T, rows, n_rows, seed, step):
     """Rows `rows` (a range of global row numbers) of training step `step`, whose global batch has n_rows."""
+    if objective in T5_OBJECTIVES:  # (T is the split's own, set by fit_splits)
+        return t5_batch(split, objective, rows, n_rows, seed, step)
     if objective != "clm":
         return encoder_batch(split, T, objective, rows, seed, step)
     g = torch.Generator().manual_seed(mix_seed(seed, step))
@@ -150,6 +169,8 @@ def train_batch(split, objective, T, rows, n_rows, seed, step):
 
 def eval_batch(split, objective, T, rows, n_rows):
     """Rows `rows` of the fixed validation set of n_rows rows: for clm, n_rows evenly spaced windows."""
+    if objective in T5_OBJECTIVES:
+        return t5_batch(split, objective, rows, n_rows)
     if objective != "clm":
         return encoder_batch(split, T, objective, rows)
     starts = np.linspace(0, len(split) - T - 1, n_rows).astype(np.int64).tolist()
@@ -189,6 +210,13 @@ def special_ids(base_vocab):
     return SimpleNamespace(cls=base_vocab, sep=base_vocab + 1, mask=base_vocab + 2, pad=base_vocab + 3)
 
 
+def show(tok, ids, base):
+    """Token ids as text, T5's sentinels as <k> and the other specials ([PAD]...) left out."""
+    runs = itertools.groupby(ids, lambda i: i < base)
+    return "".join(tok.decode(list(g)) if text else "".join(f"<{i - base - N_SPECIAL}>" for i in g if i >= base + N_SPECIAL)
+                   for text, g in runs)
+
+
 def newline_tokens(meta):
     """Boolean table over the base vocabulary: does the token's text hold a newline (a line boundary)."""
     if meta["tokenizer"] == "bytes":
@@ -203,25 +231,31 @@ def _positions(data, pred, chunk=1 << 26):
     return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
-def encoder_corpus(data_dir, split, meta, objective):
-    """One split, indexed once for the batch builders: document [start, end) (end is the separator's
-    position), newline positions (for cutting pairs at line boundaries) and, if labelled, the labels."""
+def documents(data_dir, split, meta):
+    """One split with its documents indexed once: document d is data[starts[d]:ends[d]] (ends[d] is the
+    position of its separator)."""
     data = load_split(data_dir, split, meta)
     ends = _positions(data, lambda a: a == meta["sep_id"])
-    c = dict(data=data, starts=np.concatenate(([0], ends[:-1] + 1)), ends=ends, base=meta["vocab_size"],
-             sep_id=meta["sep_id"], name=f"{data_dir}/{split}")
     if not len(ends):  # an evaluation over nothing would report a loss of 0
         raise UserError(f"{data_dir}: the {split} split holds no documents; re-run prepare.py on more examples")
+    return dict(data=data, starts=np.concatenate(([0], ends[:-1] + 1)), ends=ends, base=meta["vocab_size"],
+                sep_id=meta["sep_id"], name=f"{data_dir}/{split}")
+
+
+def encoder_corpus(data_dir, split, meta, objective):
+    """One split, indexed once for the batch builders: documents(), newline positions (for cutting pairs at
+    line boundaries) and, if labelled, the labels."""
+    c = documents(data_dir, split, meta)
     if objective == "classify":
         if "labels" not in meta:
             raise UserError(f"{data_dir} has no labels (meta.json 'labels'); objective='classify' needs a labelled "
                              f"corpus: prepare.py --classify --name=NAME --input=FILE.jsonl")
         c["labels"] = np.load(Path(data_dir) / f"{split}_labels.npy")
-        if len(c["labels"]) != len(ends):
-            raise UserError(f"{data_dir}: {len(c['labels'])} {split} labels for {len(ends)} documents; re-run prepare.py")
+        if len(c["labels"]) != len(c["ends"]):
+            raise UserError(f"{data_dir}: {len(c['labels'])} {split} labels for {len(c['ends'])} documents; re-run prepare.py")
         return c
     table = newline_tokens(meta)
-    c["nl"] = _positions(data, lambda a: table[a])
+    c["nl"] = _positions(c["data"], lambda a: table[a])
     if ((c["ends"] - c["starts"]) >= 2).sum() < 2:
         raise UserError(f"{c['name']}: next sentence prediction needs at least two documents of 2+ tokens")
     return c
@@ -308,6 +342,169 @@ def classify_row(c, T, i):
     x = np.full(T, sp.pad, np.int64)
     x[0], x[1:1 + len(body)], x[1 + len(body)] = sp.cls, body, sp.sep
     return dict(idx=x, token_type_ids=np.zeros(T, np.int64), attn_mask=x != sp.pad, labels=np.int64(label))
+
+# -----------------------------------------------------------------------------
+# the encoder-decoder objectives (T5): span corruption and source/target pairs
+
+T5_OBJECTIVES = ("span", "seq2seq")
+N_SENTINEL = 100  # T5's extra_ids: sentinel k is base vocab_size + N_SPECIAL + k
+NOISE_DENSITY, MEAN_SPAN = 0.15, 3.0  # span corruption: the share of noise tokens, the mean length of a noise span
+
+
+def extra_tokens(objective):
+    """How many ids an objective adds after the base vocabulary: the specials, and for T5 the sentinels."""
+    return 0 if objective == "clm" else N_SPECIAL + N_SENTINEL * (objective in T5_OBJECTIVES)
+
+
+def check_model(objective, n_dec_layer, dec_len):
+    """The objective's needs of the model config, as a UserError: the T5 objectives need a decoder, the
+    others none; dec_len is the decoder's."""
+    t5 = objective in T5_OBJECTIVES
+    if t5 and not n_dec_layer:
+        raise UserError(f"objective={objective!r} needs an encoder-decoder model (n_dec_layer > 0): use model='t5-tiny', "
+                        f"'t5-small' or 't5-base'")
+    if n_dec_layer and not t5:
+        raise UserError(f"an encoder-decoder model (n_dec_layer={n_dec_layer}) trains with objective='span' or 'seq2seq', "
+                        f"not {objective!r}")
+    if dec_len and not t5:
+        raise UserError(f"dec_len={dec_len} is the decoder's length, which objective={objective!r} has not: drop it")
+
+
+def _noise_counts(n):
+    """T5's numbers of noise tokens and of noise spans in n tokens."""
+    noise = min(max(round(n * NOISE_DENSITY), 1), n - 1)
+    return noise, max(round(noise / MEAN_SPAN), 1)
+
+
+def span_lengths(T):
+    """(raw, targets): the longest window whose corrupted input (the non-noise tokens, a sentinel per span and
+    EOS) is T tokens, and the length of its targets (a sentinel per span, the noise tokens and EOS), as T5's
+    compute_input_and_target_lengths. The input grows by at most one token per raw token, so it is T exactly."""
+    def lengths(n):
+        noise, spans = _noise_counts(n)
+        return n - noise + spans + 1, noise + spans + 1
+    if T < 10:  # below this even the shortest window corrupts into more than T tokens
+        raise UserError(f"seq_len={T} is too short for span corruption: use seq_len >= 10")
+    n = T
+    while lengths(n + 1)[0] <= T:
+        n += 1
+    if _noise_counts(n)[1] > N_SENTINEL:
+        raise UserError(f"seq_len={T} makes {_noise_counts(n)[1]} noise spans, more than the {N_SENTINEL} sentinels: "
+                        f"lower seq_len (at most 1809)")
+    return n, lengths(n)[1]
+
+
+def noise_mask(n, rng):
+    """T5's random_spans_noise_mask: (n,) bool, True at the noise tokens. The noise and the non-noise tokens
+    are each cut into the same number of non-empty runs at random, and the runs alternate, non-noise first."""
+    noise, spans = _noise_counts(n)
+
+    def runs(items):  # items cut into `spans` runs: spans - 1 cut points drawn from the items - 1 places
+        first = np.r_[0, rng.permutation(np.arange(items - 1) < spans - 1)]
+        return np.bincount(np.cumsum(first), minlength=spans)
+    return np.repeat(np.arange(2 * spans) % 2 == 1, np.stack([runs(n - noise), runs(noise)], 1).ravel())
+
+
+def span_corrupt(x, mask, base, eos):
+    """T5's span corruption of tokens x (n,) by a noise mask (n,): (inputs, targets). Inputs: x with its k-th
+    noise span replaced by sentinel k, then EOS; targets: each sentinel k followed by the span it replaced,
+    then EOS (T5's noise_span_to_unique_sentinel on the mask and on its complement)."""
+    def runs_to_sentinels(m):  # the k-th run of True in m becomes sentinel k
+        prev = np.r_[False, m[:-1]]
+        first = m & ~prev
+        return np.where(first, base + N_SPECIAL + np.cumsum(first) - 1, x)[~(m & prev)]
+    return np.r_[runs_to_sentinels(mask), eos], np.r_[runs_to_sentinels(~mask), eos]
+
+
+def span_uncorrupt(inputs, targets, base):
+    """The tokens that span_corrupt started from: each sentinel of the inputs replaced by what follows the
+    same sentinel in the targets (the EOS ending each dropped). A list of ids."""
+    is_sentinel = lambda t: 0 <= t - base - N_SPECIAL < N_SENTINEL
+    spans, span = {}, []  # (tokens before the first sentinel, none in a well-formed target, are dropped)
+    for t in targets[:-1]:
+        if is_sentinel(t):
+            span = spans.setdefault(int(t), [])
+        else:
+            span.append(int(t))
+    return [u for t in inputs[:-1] for u in (spans.get(int(t), []) if is_sentinel(t) else [int(t)])]
+
+
+def t5_corpus(data_dir, split, meta, objective):
+    """One split for the encoder-decoder. span: the tokens, cut into windows anywhere (as clm's, across
+    documents); seq2seq: the documents indexed, example k being documents 2k and 2k + 1."""
+    if objective == "span":
+        return dict(data=load_split(data_dir, split, meta), base=meta["vocab_size"], sep_id=meta["sep_id"],
+                    name=f"{data_dir}/{split}")
+    if not meta.get("seq2seq"):
+        raise UserError(f"{data_dir} is not a seq2seq corpus (meta.json has no 'seq2seq'); make one with: "
+                        f"python prepare.py --seq2seq --name=NAME --input=PAIRS.jsonl")
+    c = documents(data_dir, split, meta)
+    if len(c["ends"]) % 2:
+        raise UserError(f"{c['name']} holds {len(c['ends'])} documents, not (source, target) pairs; re-run prepare.py --seq2seq")
+    return c
+
+
+def t5_fit(c, objective, T, dec_len=0):
+    """A t5_corpus split for rows of T encoder tokens and D decoder tokens (dec_len, or if 0: T5's target
+    length for span, T for seq2seq), checked; span's windows are `raw` tokens long."""
+    raw, need = span_lengths(T) if objective == "span" else (0, 1)
+    if len(c["data"]) < raw:
+        raise UserError(f"{c['name']} has {len(c['data'])} tokens, fewer than the {raw} that span corruption turns "
+                        f"into seq_len={T}: lower seq_len or use more data")
+    D = dec_len or (need if objective == "span" else T)
+    if D < need:
+        raise UserError(f"dec_len={dec_len} is shorter than the {need} target tokens of span corruption at seq_len={T}: "
+                        f"raise it, or 0 to derive it")
+    return dict(c, T=T, D=D, raw=raw)
+
+
+def t5_batch(c, objective, index, n_rows, seed=None, step=None):
+    """Rows for the global row numbers `index`: idx, attn_mask (B, T), dec_idx, targets (B, D). Training (seed
+    and step given): each row drawn by a generator seeded with (seed, step, row). Evaluation: row i is the
+    i-th of n_rows evenly spaced windows, its noise drawn with seed i, or example i (mod their number: a row
+    always has targets, so no batch averages a loss over nothing)."""
+    rows = []
+    for i in index:
+        rng = np.random.default_rng((seed, step, i) if seed is not None else (i,))
+        if objective == "span":
+            last = len(c["data"]) - c["raw"]
+            start = int(rng.integers(last + 1)) if seed is not None else i * last // max(n_rows - 1, 1)
+            rows.append(span_row(c, start, rng))
+        else:
+            n = len(c["ends"]) // 2
+            rows.append(seq2seq_row(c, int(rng.integers(n)) if seed is not None else i % n))
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def decoder_rows(y, c):
+    """Teacher forcing for a target y (ending in EOS): the decoder reads [PAD] (the start) + y[:-1] and
+    predicts y; padded to D with [PAD] and -1 (ignored)."""
+    pad = special_ids(c["base"]).pad
+    dec, targets = np.full(c["D"], pad, np.int64), np.full(c["D"], -1, np.int64)
+    dec[1:len(y)], targets[:len(y)] = y[:-1], y
+    return dict(dec_idx=dec, targets=targets)
+
+
+def span_row(c, start, rng):
+    """The window at `start`, span-corrupted: T encoder tokens, no padding."""
+    x = np.asarray(c["data"][start:start + c["raw"]], dtype=np.int64)
+    inputs, targets = span_corrupt(x, noise_mask(len(x), rng), c["base"], c["sep_id"])
+    return dict(idx=inputs, attn_mask=np.ones(c["T"], bool), **decoder_rows(targets, c))
+
+
+def seq2seq_example(c, k):
+    """Example k's (source, target) token arrays."""
+    return tuple(c["data"][c["starts"][2 * k + j]:c["ends"][2 * k + j]] for j in (0, 1))
+
+
+def seq2seq_row(c, k):
+    """Example k: source + EOS padded with [PAD] to T (attn_mask True at the real tokens), target + EOS for the
+    decoder. A longer source or target is cut to fit (its EOS kept), as T5 trims before appending EOS."""
+    src, tgt = seq2seq_example(c, k)
+    src, tgt = np.r_[src[:c["T"] - 1], c["sep_id"]], np.r_[tgt[:c["D"] - 1], c["sep_id"]]
+    x = np.full(c["T"], special_ids(c["base"]).pad, np.int64)
+    x[:len(src)] = src
+    return dict(idx=x, attn_mask=np.arange(c["T"]) < len(src), **decoder_rows(tgt.astype(np.int64), c))
 
 
 # -----------------------------------------------------------------------------

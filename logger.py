@@ -78,8 +78,9 @@ def log_start(s, cfg, rt, run, sinks=()):
     log(rt, f"model {cfg['model']}: {s.raw.num_params():,} parameters; {asdict(run.mcfg)}")
     log_record(rt, cfg, run.provenance, sinks)
     peak, peak_src = peak_flops(rt.device, rt.dtype)
-    meter = Meter(cfg["batch_size"] * cfg["gradient_accumulation_steps"] * rt.world * run.T, M.flops_per_token(run.mcfg, run.T),
-                  peak, sinks=list(sinks))
+    D = run.splits[0]["D"] if run.mcfg.n_dec_layer else 0  # an encoder-decoder's row: T source + D target tokens
+    meter = Meter(cfg["batch_size"] * cfg["gradient_accumulation_steps"] * rt.world * (run.T + D),
+                  M.flops_per_token(run.mcfg, run.T, dec_len=D or None), peak, sinks=list(sinks))
     # bits per byte for clm only: its loss is a code length of the whole text. MLM's loss is over the 15% masked
     # tokens, each seen with both sides' context, and classify's is per example: neither measures the text's bytes.
     if cfg["objective"] == "clm" and run.meta.get("val_bytes"):
@@ -153,6 +154,10 @@ def log_sample(s, cfg, rt, meter):
             shown = "".join(" [SEP] " if k == "sep" else ("«{}»" if k else "{}").format(tok.decode([i for _, i in g])) for k, g in groups)
             text = (f"{shown.strip()!r} ({sum(y == truth[p] for p, y in fills.items())}/{len(fills)} masked tokens right, next "
                     f"sentence {'right' if to_host(nsp.argmax(-1))[0] == batch['labels'][0] else 'wrong'})")
+        elif cfg["objective"] in data.T5_OBJECTIVES:  # the decoder's greedy output for the source
+            out = to_host(s.raw.generate(b["idx"], SAMPLE_TOKENS, temperature=0.0, attn_mask=b["attn_mask"],
+                                         start_id=data.special_ids(base).pad, stop_id=meta["sep_id"])[0])
+            text = f"{data.show(tok, batch['idx'][0][batch['attn_mask'][0]].tolist(), base)[-120:]!r} -> {data.show(tok, out, base)!r}"
         else:
             logits, _ = s.raw(**b)  # (1, n_labels)
             text = f"{tok.decode(batch['idx'][0].tolist())[:80]!r} -> {meta['labels'][to_host(logits.argmax())]} " \

@@ -352,6 +352,8 @@ def prepare(name="pystdlib", inputs=None, tokenizer=None, out_dir="data", worker
     t0, folder = time.time(), Path(out_dir) / name
     if name == CLASSIFY_DEMO and not inputs:
         return prepare_classify(name, None, tokenizer or "bytes", out_dir, quiet)
+    if name == SEQ2SEQ_DEMO and not inputs:
+        return prepare_seq2seq(name, None, tokenizer or "bytes", out_dir, quiet)
     if name == "pystdlib":
         if inputs or hf_dataset or append or val_fraction or val_docs:
             raise UserError("'pystdlib' is the built-in corpus with its fixed split; give your inputs another --name")
@@ -465,6 +467,74 @@ def prepare_classify(name=CLASSIFY_DEMO, inputs=None, tokenizer="bytes", out_dir
     return str(folder)
 
 # -----------------------------------------------------------------------------
+# seq2seq corpora, for the encoder-decoder (format and batches: data.py)
+
+SEQ2SEQ_DEMO = "stdlib_params"  # the built-in seq2seq task, see stdlib_param_examples
+
+
+def stdlib_param_examples(max_bytes=63):
+    """[(source, target, split)] of the demo task: the header of a stdlib function (`def name(...):`, its
+    lines up to the body, dedented; at most max_bytes, no comment) -> its parameter names in order,
+    space-separated, with * and ** on *args and **kwargs: `def get(self, key, default=None):` -> `self key
+    default`. Only functions of 2+ parameters, each header once (its first file decides the split), and no
+    target that is a substring of its source, so no copy of any part of the source is the answer. Split by
+    file like pystdlib (file i to val when i % VAL_EVERY == 0): pretraining on pystdlib never saw a val header."""
+    import ast
+    import textwrap
+    out, seen = [], set()
+    for i, (_, path) in enumerate(pystdlib_files()):
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):  # not parseable by this Python: no examples from it
+            continue
+        lines = text.splitlines(keepends=True)
+        for f in ast.walk(tree):
+            if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = f.args
+            names = [p.arg for p in a.posonlyargs + a.args] + [f"*{v.arg}" for v in [a.vararg] if v] + \
+                    [p.arg for p in a.kwonlyargs] + [f"**{v.arg}" for v in [a.kwarg] if v]
+            header = textwrap.dedent("".join(lines[f.lineno - 1:f.body[0].lineno - 1])).strip()
+            target = " ".join(names)
+            if (len(names) >= 2 and header.startswith(("def ", "async def ")) and header.endswith(":") and "#" not in header
+                    and len(header.encode()) <= max_bytes and target not in header and header not in seen):
+                seen.add(header)
+                out.append((header, target, "val" if i % VAL_EVERY == 0 else "train"))
+    return out
+
+
+def prepare_seq2seq(name=SEQ2SEQ_DEMO, inputs=None, tokenizer="bytes", out_dir="data", quiet=False):
+    """A seq2seq corpus data/NAME (format: data.py) from .jsonl files of {"source", "target"} (line k of all
+    inputs goes to val when k % VAL_EVERY == 0), or the built-in demo task."""
+    if inputs:
+        examples = []
+        for f in expand_inputs(inputs):
+            for lineno, rec, _ in read_jsonl(f):  # a line that is not JSON: read_jsonl names the file and line
+                if not (isinstance(rec, dict) and isinstance(rec.get("source"), str) and isinstance(rec.get("target"), str)):
+                    raise UserError(f"{f}:{lineno}: expected a JSON object with 'source' and 'target' strings")
+                examples.append((rec["source"], rec["target"], "val" if len(examples) % VAL_EVERY == 0 else "train"))
+    elif name == SEQ2SEQ_DEMO:
+        examples = stdlib_param_examples()
+    else:
+        raise UserError(f"no seq2seq corpus {name!r} built in (only {SEQ2SEQ_DEMO!r}); give --input=FILE.jsonl")
+    tok, folder = get_tokenizer(tokenizer), Path(out_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").unlink(missing_ok=True)
+    counts = {}
+    for split in ("train", "val"):
+        part = [(s, t) for s, t, sp in examples if sp == split]
+        ids = np.array([i for pair in part for text in pair for i in tok.encode(text) + [tok.sep_id]],
+                       dtype=dtype_for_vocab(tok.vocab_size))
+        ids.tofile(folder / f"{split}.bin")
+        counts.update({f"{split}_tokens": len(ids), f"{split}_docs": 2 * len(part), f"{split}_max_id": int(ids.max(initial=0)),
+                       f"{split}_bytes": sum(len(text.encode("utf-8")) for pair in part for text in pair)})
+    meta = write_meta(folder, tok, counts, seq2seq=True, source=f"{name}: {len(examples)} source/target pairs")
+    if not quiet:
+        print(f"wrote {folder}: {meta['train_docs'] // 2} train / {meta['val_docs'] // 2} val source/target pairs")
+    return str(folder)
+
+# -----------------------------------------------------------------------------
 
 def check_args(args):
     """The command line's values, before any input is read or anything written."""
@@ -475,6 +545,8 @@ def check_args(args):
         raise UserError(f"--name={args.name!r} must name one folder under --out_dir (no '/'), e.g. --name=mycorpus")
     if not args.out_dir.strip():
         raise UserError("--out_dir must not be empty; the default is data")
+    if args.classify and args.seq2seq:
+        raise UserError("--classify and --seq2seq make different corpora: give one of them")
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers={args.workers} must be >= 1 (or left out: min(cpu count, 8) threads for BPE)")
     if not args.text_field:
@@ -496,6 +568,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Tokenize text into data/NAME/{train,val}.bin + meta.json.")
     parser.add_argument("--classify", action="store_true", help="inputs are .jsonl lines {\"text\": ..., \"label\": ...}: "
                         "a labelled corpus for train.py --objective=classify")
+    parser.add_argument("--seq2seq", action="store_true", help="inputs are .jsonl lines {\"source\": ..., \"target\": ...}: "
+                        "a corpus for train.py --objective=seq2seq (an encoder-decoder)")
     parser.add_argument("--name", default=None, help="output folder under --out_dir (default: pystdlib)")
     parser.add_argument("--input", action="extend", nargs="+", default=[],
                         help="files, directories or globs; .jsonl(.gz/.zst) lines and .parquet rows are documents")
@@ -522,6 +596,8 @@ if __name__ == "__main__":
         check_args(args)
         if args.classify:
             prepare_classify(args.name or CLASSIFY_DEMO, args.input, args.tokenizer or "bytes", args.out_dir, args.quiet)
+        elif args.seq2seq:
+            prepare_seq2seq(args.name or SEQ2SEQ_DEMO, args.input, args.tokenizer or "bytes", args.out_dir, args.quiet)
         else:
             prepare(args.name or "pystdlib", args.input, args.tokenizer, args.out_dir, args.workers, args.quiet,
                     text_field=args.text_field, hf_dataset=args.hf_dataset, hf_config=args.hf_config,

@@ -11,31 +11,42 @@ the others; a classify checkpoint prints the most likely labels of the text:
 
     python sample.py --ckpt=out-bert --start=$'def f(x):\n    [MASK][MASK][MASK][MASK][MASK][MASK] x' --temperature=0
     python sample.py --ckpt=out-classify --start=FILE:snippet.py
+
+An encoder-decoder (T5) checkpoint generates the target of --source (greedy unless --temperature is
+given), or measures exact match over a split of its seq2seq corpus, next to the copy baselines:
+
+    python sample.py --ckpt=out-t5-seq2seq --source="def get(self, key, default=None):"
+    python sample.py --ckpt=out-t5-seq2seq --exact_match=val
 """
+import collections
+import os
 import sys
 import time
 from typing import Annotated
 
+import numpy as np
 import torch
 
 import checkpoint
 import data
 import model as M
 import prepare
-from common import UserError, at_least, device_rule, nonempty, parse_config, resolve_device, rule, usage
+from common import UserError, at_least, device_rule, nonempty, one_of, parse_config, resolve_device, rule, usage
 
 # arguments (--key=value): each annotated with its type and constraint, checked before any file is read
 ckpt: Annotated[str, nonempty] = "out"               # a checkpoint (.pt or sharded .dcp), or a run's out_dir: its newest
 start: str = "\n"                                   # prompt text, or FILE:path to read it from a file
 num_samples: Annotated[int, at_least(1)] = 3
 max_new_tokens: Annotated[int, at_least(1)] = 300
-temperature: Annotated[float, at_least(0.0)] = 0.8   # 0 is greedy
+temperature: Annotated[float, at_least(0.0)] = None  # 0 is greedy; None: 0.8, greedy for an encoder-decoder
 top_k: Annotated[int, at_least(1)] = None            # keep the k likeliest tokens
 top_p: Annotated[float, rule("in (0, 1]", lambda v: 0 < v <= 1, [0.0, 1.5])] = None  # nucleus: the smallest set with this mass
 seed: Annotated[int, at_least(0)] = 1337
 device: Annotated[str, device_rule] = "auto"
 export: Annotated[str, nonempty] = None              # write the checkpoint's weights as one .pt file (e.g. from a sharded .dcp) and exit
 export_hf: Annotated[str, nonempty] = None           # write a Hugging Face folder (config.json, model.safetensors) and exit
+source: str = None                                   # encoder-decoder: the source text (or FILE:path); prints its generated target
+exact_match: Annotated[str, one_of("train", "val")] = None  # encoder-decoder: greedy exact match over this split of its seq2seq corpus
 RULES = dict(__annotations__)
 DEFAULTS = {k: globals()[k] for k in RULES}
 
@@ -75,6 +86,54 @@ def fill_masks(net, tok, meta, text, temperature=0.0, top_k=None, generator=None
     return tok.decode(x[0].tolist())
 
 
+@torch.no_grad()
+def generate_targets(net, meta, sources, T, max_new_tokens, **sampling):
+    """An encoder-decoder's output for each source (token ids, cut to T - 1 and ended by EOS as in training;
+    batched with [PAD], which the encoder masks), each up to its EOS."""
+    sp, eos = data.special_ids(meta["vocab_size"]), meta["sep_id"]
+    rows = [np.r_[np.asarray(s[:T - 1], np.int64), eos] for s in sources]
+    x = torch.full((len(rows), max(map(len, rows))), sp.pad, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        x[r, :len(ids)] = torch.from_numpy(ids)
+    x = x.to(net.tok_emb.weight.device)
+    out = net.generate(x, max_new_tokens, attn_mask=x != sp.pad, start_id=sp.pad, stop_id=eos, **sampling).tolist()
+    return [ids[:ids.index(eos)] if eos in ids else ids for ids in out]
+
+
+def evaluate_exact_match(net, ckpt, split, batch_size=64):
+    """Greedy exact match over every example of a split of the checkpoint's seq2seq corpus (its config's
+    data_root/dataset), next to the copy baselines: the source, its first line, the most common training
+    target. Returns {"n", "exact_match", "baselines": {rule: accuracy}, "too_long": targets that cannot match}."""
+    cfg = ckpt["config"]
+    data_dir, T = os.path.join(cfg["data_root"], cfg["dataset"]), cfg["seq_len"] or net.cfg.block_size
+    meta = data.load_meta(data_dir)
+    tok = prepare.get_tokenizer_from_meta(meta)
+    c = {s: data.t5_fit(data.t5_corpus(data_dir, s, meta, "seq2seq"), "seq2seq", T, cfg["dec_len"]) for s in ("train", split)}
+    examples = [data.seq2seq_example(c[split], k) for k in range(len(c[split]["ends"]) // 2)]
+    preds = [p for i in range(0, len(examples), batch_size)
+             for p in generate_targets(net, meta, [s for s, _ in examples[i:i + batch_size]], T, c[split]["D"], temperature=0.0)]
+    texts = [(tok.decode(s.tolist()), tok.decode(t.tolist())) for s, t in examples]
+    common = collections.Counter(tok.decode(data.seq2seq_example(c["train"], k)[1].tolist())
+                                 for k in range(len(c["train"]["ends"]) // 2)).most_common(1)[0][0]
+    acc = lambda guesses: sum(g == t for g, (_, t) in zip(guesses, texts)) / len(texts)
+    return dict(n=len(texts), exact_match=acc([data.show(tok, p, meta["vocab_size"]) for p in preds]),
+                baselines={"source": acc([s for s, _ in texts]), "first line": acc([s.split("\n")[0] for s, _ in texts]),
+                           f"most common training target {common!r}": acc([common] * len(texts))},
+                too_long=sum(len(t) >= c[split]["D"] for _, t in examples))  # cut in training, and past max_new_tokens
+
+
+def read_arg(args, key):
+    """args[key], or the text of the file it names as FILE:path."""
+    text = args[key]
+    if text is None or not text.startswith("FILE:"):
+        return text
+    try:
+        with open(text[5:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"{key}={text!r}: cannot read the file ({e.strerror})") from None
+
+
 def main(argv):
     """The command line; a user error is one line on stderr and exit status 2."""
     if {"-h", "--help"} & set(argv):
@@ -90,13 +149,7 @@ def sample(args):
     """Print samples (or filled [MASK]s, or labels) from the checkpoint `args["ckpt"]`; or export it."""
     cuda = torch.cuda.is_available()
     device = resolve_device(args["device"], cuda, cuda and torch.cuda.device_count(), torch.backends.mps.is_available())
-    start = args["start"]
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                start = f.read()
-        except OSError as e:
-            raise UserError(f"start={args['start']!r}: cannot read the prompt file ({e.strerror})") from None
+    start, source = read_arg(args, "start"), read_arg(args, "source")
     path = checkpoint.find_checkpoint(args["ckpt"])
     if path is None:
         raise UserError(f"no checkpoint in {args['ckpt']}; train first (python train.py) or pass --ckpt=PATH")
@@ -110,6 +163,25 @@ def sample(args):
         hf.export(net, ckpt, args["export_hf"])
         return
     tok = prepare.get_tokenizer_from_meta(ckpt["meta"])
+    enc_dec = net.cfg.n_dec_layer > 0
+    temperature = args["temperature"] if args["temperature"] is not None else 0.0 if enc_dec else 0.8
+    if (source is not None or args["exact_match"]) and not enc_dec:
+        raise UserError("--source and --exact_match need an encoder-decoder checkpoint (objective='span' or 'seq2seq')")
+    if enc_dec and args["exact_match"]:
+        r = evaluate_exact_match(net, ckpt, args["exact_match"])
+        print(f"exact match on {args['exact_match']}: {r['exact_match']:.1%} of {r['n']} examples (greedy)"
+              + (f"; {r['too_long']} targets are longer than the decoder's length and cannot match" if r["too_long"] else ""))
+        return print("copy baselines: " + ", ".join(f"{k} {v:.1%}" for k, v in r["baselines"].items()))
+    if enc_dec:
+        if source is None:
+            raise UserError("an encoder-decoder checkpoint generates the target of --source='...' (or measures --exact_match=val)")
+        g = torch.Generator(device=device).manual_seed(args["seed"])
+        for i in range(args["num_samples"] if temperature else 1):  # greedy: one answer
+            ids = generate_targets(net, ckpt["meta"], [tok.encode(source)], ckpt["config"]["seq_len"] or net.cfg.block_size,
+                                   args["max_new_tokens"], temperature=temperature, top_k=args["top_k"], top_p=args["top_p"], generator=g)
+            print(data.show(tok, ids[0], ckpt["meta"]["vocab_size"]))  # sentinels as <k>
+            print(f"---------- sample {i + 1}")
+        return
     if net.cfg.head == "classify":
         probs = net(encoder_input(net, tok, ckpt["meta"], start))[0][0].float().softmax(-1)
         for p, k in zip(*probs.topk(min(5, len(probs)))):
@@ -121,7 +193,7 @@ def sample(args):
                              "--start='return [MASK][MASK]'")
         g = torch.Generator(device=device).manual_seed(args["seed"])
         for i in range(args["num_samples"]):
-            print(fill_masks(net, tok, ckpt["meta"], start, args["temperature"], args["top_k"], g))
+            print(fill_masks(net, tok, ckpt["meta"], start, temperature, args["top_k"], g))
             print(f"---------- sample {i + 1}")
         return
     ids = tok.encode(start) or [tok.sep_id]  # an empty prompt starts a fresh document
@@ -129,7 +201,7 @@ def sample(args):
     g = torch.Generator(device=device).manual_seed(args["seed"])
     for i in range(args["num_samples"]):
         t0 = time.time()
-        y = net.generate(x, args["max_new_tokens"], temperature=args["temperature"], top_k=args["top_k"],
+        y = net.generate(x, args["max_new_tokens"], temperature=temperature, top_k=args["top_k"],
                          top_p=args["top_p"], generator=g, vocab=ckpt["meta"]["vocab_size"])
         print(tok.decode(y[0].tolist()))
         print(f"---------- sample {i + 1}: {args['max_new_tokens'] / (time.time() - t0):.0f} tokens/s")

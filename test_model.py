@@ -1476,6 +1476,167 @@ def test_prepare_classify_jsonl(tmp_path):
         prepare.prepare_classify("bad", [str(tmp_path / "bad.jsonl")], out_dir=tmp_path, quiet=True)
 
 
+# the encoder-decoder's data: T5's span corruption, seq2seq pairs, the demo task
+
+def _runs(row):
+    """The lengths of the runs of True in a boolean row."""
+    edges = np.flatnonzero(np.diff(np.r_[0, row.astype(np.int8), 0]))
+    return edges[1::2] - edges[::2]
+
+
+def test_span_corruption_statistics(data_root):
+    meta = data.load_meta(data_root / "pystdlib")
+    base, sp, T = meta["vocab_size"], data.special_ids(meta["vocab_size"]), 128
+    raw, D = data.span_lengths(T)
+    noise = round(0.15 * raw)
+    spans = round(noise / 3)
+    assert (raw, D) == (141, noise + spans + 1) and raw - noise + spans + 1 == T
+    masks = np.stack([data.noise_mask(raw, np.random.default_rng(i)) for i in range(2000)])
+    assert (masks.sum(1) == noise).all() and abs(masks.mean() - 0.15) < 0.002 and not masks[:, 0].any()  # non-noise first
+    lengths = np.concatenate([_runs(m) for m in masks])
+    assert len(lengths) == 2000 * spans and lengths.mean() == pytest.approx(3.0, abs=0.05) and lengths.min() >= 1
+    assert lengths.std() > 1.5 and (lengths == 1).mean() > 0.2  # T5's random segmentation, not fixed spans of 3
+    assert masks[:, -1].all() and masks[:, 1:].any(0).all()  # runs alternate, the last one noise; spans anywhere
+    c = data.t5_fit(data.t5_corpus(data_root / "pystdlib", "val", meta, "span"), "span", T)
+    n = 64
+    b = data.eval_batch(c, "span", T, range(n), n)
+    assert b["idx"].shape == (n, T) and b["dec_idx"].shape == b["targets"].shape == (n, D) and b["attn_mask"].all()
+    last = len(c["data"]) - raw
+    for i in range(n):
+        x, y = b["idx"][i], b["targets"][i]
+        sentinel = lambda a: a[a >= base + data.N_SPECIAL] - base - data.N_SPECIAL
+        assert sentinel(x).tolist() == sentinel(y).tolist() == list(range(spans))  # one per span, in increasing order
+        assert x[-1] == y[-1] == meta["sep_id"] and b["dec_idx"][i].tolist() == [sp.pad] + y[:-1].tolist()
+        start = i * last // (n - 1)  # the fixed validation windows are evenly spaced
+        assert data.span_uncorrupt(x, y, base) == c["data"][start:start + raw].tolist()
+    again = data.eval_batch(c, "span", T, range(n - 4, n), n)
+    assert all(np.array_equal(again[k], b[k][n - 4:]) for k in b)
+    train_c = data.t5_fit(data.t5_corpus(data_root / "pystdlib", "train", meta, "span"), "span", T)
+    tb = data.train_batch(train_c, "span", T, range(0, 16), 16, 1, 7)  # a pure function of (seed, step, row)
+    part = data.train_batch(train_c, "span", T, range(12, 16), 16, 1, 7)
+    assert all(np.array_equal(part[k], tb[k][12:]) for k in tb)
+    assert not np.array_equal(data.train_batch(train_c, "span", T, range(12, 16), 16, 1, 8)["idx"], part["idx"])
+
+
+def test_span_lengths_are_t5s():
+    assert data.span_lengths(512) == (568, 114)  # T5's inputs_length=512: 568 raw tokens, targets of 114
+    for T in [*range(10, 200), *range(200, 1810, 37), 1809]:
+        raw, D = data.span_lengths(T)
+        x = np.arange(raw) % 1000  # (ids below the base vocabulary, 1000)
+        inputs, targets = data.span_corrupt(x, data.noise_mask(raw, np.random.default_rng(T)), 1000, -5)
+        assert (len(inputs), len(targets)) == (T, D), T
+        assert data.span_uncorrupt(inputs, targets, 1000) == x.tolist()
+        longer = data.span_corrupt(np.zeros(raw + 1, np.int64), data.noise_mask(raw + 1, np.random.default_rng(0)), 1000, -5)
+        assert len(longer[0]) == T + 1  # the longest window that fits
+    with pytest.raises(ValueError, match="seq_len=9 is too short"):
+        data.span_lengths(9)
+    with pytest.raises(ValueError, match="more than the 100 sentinels"):
+        data.span_lengths(1810)
+
+
+def test_seq2seq_prepare_roundtrip_and_batches(tmp_path):
+    pairs = [(f"source {i}: " + "ü" * (i % 5), f"target {i}" + "!" * (i % 3)) for i in range(45)]
+    pairs[20] = ("a long source, longer than seq_len", "a long target, cut too")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs))
+    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--seq2seq", "--name=p", f"--input={tmp_path / 'p.jsonl'}",
+                        f"--out_dir={tmp_path}", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    meta = data.load_meta(tmp_path / "p")
+    assert meta["seq2seq"] is True and (meta["train_docs"], meta["val_docs"]) == (84, 6)  # two documents per example
+    tok, sp, eos = prepare.get_tokenizer_from_meta(meta), data.special_ids(meta["vocab_size"]), meta["sep_id"]
+    T, D = 24, 12
+    c = data.t5_fit(data.t5_corpus(tmp_path / "p", "val", meta, "seq2seq"), "seq2seq", T, D)
+    assert [tuple(tok.decode(a.tolist()) for a in data.seq2seq_example(c, k)) for k in range(3)] == [pairs[0], pairs[20], pairs[40]]
+    train_c = data.t5_fit(data.t5_corpus(tmp_path / "p", "train", meta, "seq2seq"), "seq2seq", T)
+    assert train_c["D"] == T and tok.decode(data.seq2seq_example(train_c, 41)[1].tolist()) == pairs[44][1]
+    b = data.eval_batch(c, "seq2seq", T, range(4), 4)  # row 3: past the last example, example 0 again
+    for row, (src, tgt) in enumerate([pairs[0], pairs[20], pairs[40], pairs[0]]):
+        s, t = tok.encode(src)[:T - 1] + [eos], tok.encode(tgt)[:D - 1] + [eos]  # a long one is cut, its EOS kept
+        assert b["idx"][row].tolist() == s + [sp.pad] * (T - len(s))
+        assert b["attn_mask"][row].tolist() == [True] * len(s) + [False] * (T - len(s))
+        assert b["targets"][row].tolist() == t + [-1] * (D - len(t))
+        assert b["dec_idx"][row].tolist() == [sp.pad] + t[:-1] + [sp.pad] * (D - len(t))
+    tb = data.train_batch(train_c, "seq2seq", T, range(8), 8, 0, 3)
+    assert all(np.array_equal(tb[k][4:], data.train_batch(train_c, "seq2seq", T, range(4, 8), 8, 0, 3)[k]) for k in tb)
+    with pytest.raises(ValueError, match="not a seq2seq corpus"):
+        data.t5_corpus(tmp_path / "p", "val", {k: v for k, v in meta.items() if k != "seq2seq"}, "seq2seq")
+
+
+def test_seq2seq_bad_jsonl_named_by_line(tmp_path):
+    good = json.dumps({"source": "a", "target": "b"})
+    for name, text, match in [("missing", f'{good}\n{{"source": "a"}}\n', "missing.jsonl:2: expected a JSON object with 'source' and 'target'"),
+                              ("number", f'{good}\n\n{{"source": "a", "target": 3}}\n', "number.jsonl:3: expected"),
+                              ("notjson", f"{good}\nsource, target\n", "notjson.jsonl:2: not a line of JSON")]:
+        (tmp_path / f"{name}.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            prepare.prepare_seq2seq(name, [str(tmp_path / f"{name}.jsonl")], out_dir=tmp_path, quiet=True)
+    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--seq2seq", "--name=x", f"--input={tmp_path / 'notjson.jsonl'}",
+                        f"--out_dir={tmp_path}"], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "notjson.jsonl:2" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="session")
+def t5_demo(tmp_path_factory):
+    """The built-in seq2seq demo task, prepared once (~8 s: every stdlib file is parsed)."""
+    return Path(prepare.prepare(prepare.SEQ2SEQ_DEMO, out_dir=tmp_path_factory.mktemp("t5demo"), quiet=True))
+
+
+def _pairs(folder, split):
+    meta = data.load_meta(folder)
+    tok, c = prepare.get_tokenizer_from_meta(meta), data.t5_corpus(folder, split, meta, "seq2seq")
+    return [tuple(tok.decode(a.tolist()) for a in data.seq2seq_example(c, k)) for k in range(len(c["ends"]) // 2)]
+
+
+def test_stdlib_params_demo_task(t5_demo, monkeypatch):
+    import ast
+    ex = {s: _pairs(t5_demo, s) for s in ("train", "val")}
+    assert len(ex["train"]) > 4000 and len(ex["val"]) > 150
+    for src, tgt in ex["train"] + ex["val"]:
+        a = ast.parse(src + " pass").body[0].args  # the source is a whole header
+        names = [p.arg for p in a.posonlyargs + a.args] + ([f"*{a.vararg.arg}"] if a.vararg else []) + \
+                [p.arg for p in a.kwonlyargs] + ([f"**{a.kwarg.arg}"] if a.kwarg else [])
+        assert tgt == " ".join(names) and len(names) >= 2 and len(src.encode()) <= 63, (src, tgt)
+        assert tgt not in src  # not copyable: no part of the source is the answer
+    assert len({s for s, _ in ex["train"] + ex["val"]}) == len(ex["train"]) + len(ex["val"])  # each header once
+    import collections
+    common = collections.Counter(t for _, t in ex["train"]).most_common(1)[0][0]
+    assert sum(t == common for _, t in ex["val"]) / len(ex["val"]) < 0.05  # the most common training target: a poor guess
+    files = prepare.pystdlib_files()
+    val_text = "".join(Path(f).read_text(errors="replace") for i, (_, f) in enumerate(files) if i % 20 == 0)
+    assert all(s in val_text for s, _ in ex["val"] if "\n" not in s)  # split by file like pystdlib
+    monkeypatch.setattr(prepare, "pystdlib_files", lambda: files[:100])  # deterministic: the first 100 files give
+    part = prepare.stdlib_param_examples()                                # the first examples of the whole task
+    for split in ("train", "val"):
+        mine = [(s, t) for s, t, sp in part if sp == split]
+        assert mine == ex[split][:len(mine)] and mine
+
+
+def test_exact_match_and_copy_baselines(t5_demo):
+    """sample.evaluate_exact_match with a stand-in model that answers right on even examples and copies the
+    source's first line on odd ones: the measured accuracy is the share of even examples."""
+    import sample
+    from types import SimpleNamespace
+    meta = data.load_meta(t5_demo)
+    tok, sp, eos = prepare.get_tokenizer_from_meta(meta), data.special_ids(meta["vocab_size"]), meta["sep_id"]
+    val = _pairs(t5_demo, "val")
+    answer = {s: t if k % 2 == 0 else s.split("\n")[0] for k, (s, t) in enumerate(val)}
+    calls = []
+
+    def generate(x, max_new_tokens, attn_mask, start_id, stop_id, temperature, **kw):
+        calls.append((x.shape, max_new_tokens, start_id, stop_id, temperature))
+        assert torch.equal(attn_mask, x != sp.pad)
+        out = [tok.encode(answer[tok.decode(row[m][:-1].tolist())]) + [eos] for row, m in zip(x, attn_mask)]
+        return torch.tensor([o + [eos] * (max_new_tokens - len(o)) for o in out])  # a finished row repeats EOS
+    net = SimpleNamespace(cfg=SimpleNamespace(n_dec_layer=2, block_size=512), tok_emb=SimpleNamespace(weight=torch.zeros(1)),
+                          generate=generate)
+    ckpt = dict(config=dict(data_root=str(t5_demo.parent), dataset=t5_demo.name, seq_len=64, dec_len=0), meta=meta)
+    r = sample.evaluate_exact_match(net, ckpt, "val", batch_size=50)
+    assert r["n"] == len(val) and r["exact_match"] == (len(val) + 1) // 2 / len(val) and r["too_long"] == 0
+    assert r["baselines"]["source"] == r["baselines"]["first line"] == 0.0
+    assert [k for k in r["baselines"]][2].startswith("most common training target") and list(r["baselines"].values())[2] < 0.05
+    assert len(calls) == -(-len(val) // 50) and calls[0][1:] == (64, sp.pad, eos, 0.0)
+
+
 # training through train.py: learning, exact resume, fine-tuning, sampling
 
 BERT_CFG = dict(objective="mlm_nsp", model="bert-tiny", n_layer=2, n_embd=64, n_head=4, block_size=64, batch_size=32,
@@ -1570,6 +1731,81 @@ def test_sample_fills_masks(bert_pretrained):
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out / 'best.pt'}", "--start=no masks"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "[MASK]" in r.stderr and "Traceback" not in r.stderr
+
+
+# the encoder-decoder through train.py and sample.py (these need model.py's T5: n_dec_layer > 0)
+
+T5_CFG = dict(objective="span", model="t5-tiny", n_layer=2, n_embd=64, n_head=4, block_size=None, seq_len=64)
+
+
+def t5_cfg(data_root, out, demo=None, **kw):
+    """tiny_cfg for the small T5 above; with demo (the t5_demo folder), seq2seq on the demo task."""
+    where = dict(objective="seq2seq", data_root=str(demo.parent), dataset=demo.name) if demo else {}
+    return {**tiny_cfg(data_root, out, **{**T5_CFG, **kw}), **where}
+
+
+def test_t5_objectives_need_an_encoder_decoder(data_root, tmp_path):
+    with pytest.raises(ValueError, match="objective='span' needs an encoder-decoder model"):
+        train.train(tiny_cfg(data_root, tmp_path, objective="span"))
+    with pytest.raises(ValueError, match="trains with objective='span' or 'seq2seq', not 'clm'"):
+        train.train(t5_cfg(data_root, tmp_path, objective="clm"))
+    with pytest.raises(ValueError, match="dec_len=8 is the decoder's length, which objective='clm' has not"):
+        train.train(tiny_cfg(data_root, tmp_path, dec_len=8))
+    with pytest.raises(ValueError, match="dec_len=13 is shorter than the 14 target tokens of span corruption at seq_len=64"):
+        train.train(t5_cfg(data_root, tmp_path, dec_len=13))
+    with pytest.raises(ValueError, match="not a seq2seq corpus"):
+        train.train(t5_cfg(data_root, tmp_path, objective="seq2seq"))
+    cfg = train.check_config(t5_cfg(data_root, tmp_path))  # a T5 preset is accepted
+    assert train.model_config(cfg, data.load_meta(data_root / "pystdlib")).vocab_size == 257 + 4 + 100
+
+
+@pytest.mark.parametrize("objective", ["span", "seq2seq"])
+def test_t5_exact_resume(data_root, t5_demo, tmp_path, objective):
+    common = dict(batch_size=4, max_iters=6, eval_interval=3, lr_decay_iters=6, warmup_iters=2, dropout=0.1,
+                  gradient_accumulation_steps=2, eval_iters=2)
+    demo = t5_demo if objective == "seq2seq" else None
+    full = train.train(t5_cfg(data_root, tmp_path / "a", demo, **common))
+    half = train.train(t5_cfg(data_root, tmp_path / "b", demo, **{**common, "max_iters": 3}))
+    rest = train.train(t5_cfg(data_root, tmp_path / "b", demo, **common, init_from="resume"))
+    assert half["train_losses"] + rest["train_losses"] == full["train_losses"]  # bit for bit
+    a, b = full["model"].state_dict(), rest["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and full["metrics"] == rest["metrics"]
+
+
+@pytest.fixture(scope="session")
+def t5_seq2seq(data_root, t5_demo, tmp_path_factory):
+    """A small T5 (2 + 4 blocks, 64 wide) after 300 steps on the demo task from scratch (~60 s on one core),
+    and its out_dir."""
+    out = tmp_path_factory.mktemp("t5")
+    return train.train(t5_cfg(data_root, out, t5_demo, **T5_DEMO_RUN)), out
+
+
+T5_DEMO_RUN = dict(batch_size=32, max_iters=300, eval_interval=150, eval_iters=7, warmup_iters=30, learning_rate=3e-3, min_lr=3e-4)
+
+
+def test_t5_demo_task_beats_the_copy_baseline(t5_seq2seq):
+    import sample
+    s, out = t5_seq2seq
+    assert s["evals"][-1][1] < s["evals"][0][1] - 2.0, s["evals"]
+    net, ckpt = sample.load_model(str(out / "best.pt"))
+    r = sample.evaluate_exact_match(net, ckpt, "val")
+    assert r["exact_match"] > max(r["baselines"].values()) + 0.05, r  # measured: 16.7% (7.4% at step 150), baselines 0%
+    res = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out}", "--exact_match=val", "--device=cpu"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and f"{r['exact_match']:.1%} of {r['n']} examples" in res.stdout, res.stderr
+    source = "def get(self, key, default=None):"
+    res = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out}", f"--source={source}", "--device=cpu"],
+                         capture_output=True, text=True)
+    tok = prepare.get_tokenizer_from_meta(ckpt["meta"])
+    want = tok.decode(sample.generate_targets(net, ckpt["meta"], [tok.encode(source)], 64, 300, temperature=0.0)[0])
+    assert res.returncode == 0 and res.stdout == f"{want}\n---------- sample 1\n", (res.stdout, res.stderr)  # greedy: one
+
+
+def test_sample_source_needs_an_encoder_decoder(bert_pretrained):
+    _, out = bert_pretrained
+    for arg in ("--source=def f(a, b):", "--exact_match=val"):
+        r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out / 'best.pt'}", arg], capture_output=True, text=True)
+        assert r.returncode == 2 and "need an encoder-decoder checkpoint" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 # distributed: DDP, FSDP (with bf16 and activation checkpointing) on the MLM+NSP objective, 2 ranks
@@ -2715,11 +2951,12 @@ def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkey
         (["--vocab_size=100"], "vocab_size=100"), (["--dataset=nothing"], "nothing"),
         (["--objective=classify"], "labels"), ([f"--init_from={tmp_path / 'no.pt'}"], "no.pt"),
         (["--max_iters"], "--max_iters"), (["--batch_sise=4"], "batch_sise"), ([str(tmp_path / "none.py")], "none.py"),
+        (["--objective=span"], "objective='span' needs an encoder-decoder"), (["--dec_len=8"], "dec_len=8"),
     ]
     for argv, named in cross:
         status, err = main_fails(argv, data_root, tmp_path, monkeypatch, capsys)
         assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and named in err, (argv, err)
-    assert len(train.DEFAULTS) == 57 and len(cases) == 94 and len(cross) == 19  # keys and cases covered
+    assert len(train.DEFAULTS) == 59 and len(cases) == 96 and len(cross) == 21  # keys and cases covered
 
 
 def test_cli_error_is_one_line_and_oom_is_named(data_root, tmp_path, monkeypatch, capsys):
@@ -2777,7 +3014,8 @@ def test_other_clis_check_every_argument_first(tmp_path, monkeypatch, capsys):
     cases = [(key, v) for key in sample.RULES for v in (common.constraint(sample.RULES[key])[1].bad
                                                         if common.constraint(sample.RULES[key])[1] else [])]
     cases += [(key, WRONG_TYPE[common.constraint(r)[0]]) for key, r in sample.RULES.items() if WRONG_TYPE[common.constraint(r)[0]]]
-    cases += [("start", f"FILE:{tmp_path / 'missing.txt'}"), ("ckpt", str(tmp_path / "none.pt"))]
+    cases += [("start", f"FILE:{tmp_path / 'missing.txt'}"), ("source", f"FILE:{tmp_path / 'missing.txt'}"),
+              ("ckpt", str(tmp_path / "none.pt"))]
     assert {k for k, _ in cases} == set(sample.RULES)  # every argument of sample.py
     for key, value in cases:
         assert sample.main([f"--{key}={value}"]) == 2, (key, value)
@@ -2797,13 +3035,13 @@ def test_other_clis_check_every_argument_first(tmp_path, monkeypatch, capsys):
     bad = [["--name="], ["--name=a/b"], ["--input=nope*.txt", "--name=x"], ["--input=x.txt"], ["--tokenizer=nope"],
            ["--out_dir=", "--name=x"], ["--workers=0"], ["--workers=two"], ["--classify=1"], ["--quiet=no"], ["--nam=x"],
            ["--val_fraction=1.5"], ["--val_docs=0"], ["--text_field="], ["--hf_config=sample-10BT"], ["--hf_dataset=x"],
-           ["--append"]]
+           ["--append"], ["--seq2seq=1"], ["--classify", "--seq2seq"]]
     for argv in bad:
         r = subprocess.run([sys.executable, str(REPO / "prepare.py"), f"--out_dir={out}", *argv], capture_output=True,
                            text=True, cwd=tmp_path)
         assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
         assert argv[0].split("=")[0].lstrip("-")[:3] in r.stderr and not out.exists(), (argv, r.stderr)
-    assert (n_sample, len(cases) + 1, len(bad)) == (19, 16, 17)  # cases per CLI, for the closing note
+    assert (n_sample, len(cases) + 1, len(bad)) == (21, 16, 19)  # cases per CLI, for the closing note
 
 
 def bad_values_of(annotation):

@@ -54,8 +54,9 @@ tensorboard_dir: Annotated[str, nonempty] = None      # also write log.jsonl's r
 data_root: Annotated[str, nonempty] = "data"
 dataset: Annotated[str, nonempty] = "pystdlib"        # data_root/dataset/{train.bin,val.bin,meta.json}, see data.py
 tokenizer: Annotated[str, nonempty] = "bytes"         # used only when the built-in dataset has to be prepared
-objective: Annotated[str, one_of("clm", "mlm_nsp", "classify")] = "clm"  # next token | BERT's masked LM + next sentence | labelled text
+objective: Annotated[str, one_of("clm", "mlm_nsp", "classify", "span", "seq2seq")] = "clm"  # next token | BERT's masked LM + next sentence | labelled text | T5's span corruption | source -> target pairs
 seq_len: Annotated[int, at_least(0)] = 0              # tokens per sequence; 0: the model's block_size (BERT: 128, then 512, one position table)
+dec_len: Annotated[int, at_least(0)] = 0              # encoder-decoder: decoder tokens per row; 0: T5's target length for span, seq_len for seq2seq
 batch_size: Annotated[int, at_least(1)] = 8           # sequences per micro-step per rank (small batches, many steps: best for a CPU budget)
 gradient_accumulation_steps: Annotated[int, at_least(1)] = 1  # micro-steps per optimizer step; global batch = batch_size * this * world
 # model: a preset from model.PRESETS; the fields after it override the preset (None: keep the preset's)
@@ -64,13 +65,14 @@ vocab_size: Annotated[int, at_least(1)] = None        # None: the dataset's voca
 pad_vocab_to: Annotated[int, at_least(0)] = 0         # round the dataset's vocabulary up to a multiple of this (64: faster matmuls; data.model_vocab)
 block_size: Annotated[int, at_least(1)] = None
 n_layer: Annotated[int, at_least(1)] = None
+n_dec_layer: Annotated[int, at_least(0)] = None       # >0: an encoder-decoder (T5 presets), n_layer encoder blocks then these
 n_head: Annotated[int, at_least(1)] = None
 n_kv_head: Annotated[int, at_least(0)] = None         # 0: n_head
 n_embd: Annotated[int, at_least(1)] = None
 ffn_hidden: Annotated[int, at_least(0)] = None        # 0: the MLP's own rule
 norm: Annotated[str, one_of("layernorm", "rmsnorm")] = None
-mlp: Annotated[str, one_of("gelu", "swiglu")] = None
-pos: Annotated[str, one_of("learned", "rope")] = None
+mlp: Annotated[str, one_of("gelu", "swiglu", "relu", "geglu")] = None
+pos: Annotated[str, one_of("learned", "rope", "relative")] = None
 rope_theta: Annotated[float, at_least(1.0)] = None
 tie_embeddings: bool = None
 bias: bool = None
@@ -122,9 +124,9 @@ def check_config(cfg):
     check_logging(cfg)
     if cfg["init_from"] == "scratch":  # else the checkpoint decides the architecture (resolve_run checks it)
         mcfg = model_config(cfg)
-        if cfg["seq_len"] > mcfg.block_size:
-            raise UserError(f"seq_len={cfg['seq_len']} is longer than the model's block_size={mcfg.block_size}: lower seq_len "
-                            f"or raise block_size")
+        for key in ("seq_len", "dec_len"):
+            if cfg[key] > mcfg.block_size:
+                raise UserError(f"{key}={cfg[key]} is longer than the model's block_size={mcfg.block_size}: lower {key} or raise block_size")
     return cfg
 
 
@@ -199,15 +201,14 @@ def resolve_run(cfg, rt):
     """Prepare the built-in corpus if needed, then read the corpus, the checkpoint and the model config."""
     data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
     if rt.master:
-        if not os.path.exists(os.path.join(data_dir, "meta.json")) and cfg["dataset"] in ("pystdlib", prepare.CLASSIFY_DEMO):
+        if not os.path.exists(os.path.join(data_dir, "meta.json")) and cfg["dataset"] in ("pystdlib", prepare.CLASSIFY_DEMO, prepare.SEQ2SEQ_DEMO):
             print(f"preparing the built-in corpus into {data_dir} (once)")
             prepare.prepare(name=cfg["dataset"], tokenizer=cfg["tokenizer"], out_dir=cfg["data_root"])
         data.max_ids(data_dir)  # computed once for a corpus older than these meta.json keys
     barrier()
     meta = data.max_ids(data_dir)  # no rank reads a whole split here
     tokens = [data.load_split(data_dir, s, meta) for s in ("train", "val")]
-    splits = tokens if cfg["objective"] == "clm" else [data.encoder_corpus(data_dir, s, meta, cfg["objective"])
-                                                       for s in ("train", "val")]
+    splits = data.open_splits(data_dir, meta, cfg["objective"])
     ckpt, resuming = None, cfg["init_from"] == "resume"
     if cfg["init_from"].startswith("hf:"):  # a Hugging Face folder or hub name, as a fine-tune checkpoint
         import hf  # optional dependencies (safetensors...) only on this path
@@ -234,16 +235,16 @@ def resolve_run(cfg, rt):
             raise UserError(f"the {name} split holds token id {meta[f'{split}_max_id']} >= the model's vocab_size="
                              f"{mcfg.vocab_size}: the corpus does not fit this vocabulary; re-run prepare.py")
     resolved = dict(cfg, device=str(rt.device), dtype=str(rt.dtype).split(".")[-1], parallel=rt.parallel, compile=rt.compile)
-    return Run(meta, tuple(splits), ckpt, resuming, mcfg, T, provenance(resolved, rt.device, rt.world))
+    return Run(meta, data.fit_splits(splits, cfg["objective"], T, cfg["dec_len"]), ckpt, resuming, mcfg, T, provenance(resolved, rt.device, rt.world))
 
 
 def model_config(cfg, meta=None, ckpt_args=None):
     """The ModelConfig of a run: the preset with the config's overrides, or the checkpoint's architecture
     (only dropout and the head may change). meta: the corpus's meta.json; None keeps the preset's vocabulary."""
-    head = {"clm": "lm", "mlm_nsp": "mlm_nsp", "classify": "classify"}[cfg["objective"]]
-    # the encoder objectives: bidirectional, their head, [CLS] [SEP] [MASK] [PAD] after the base vocabulary
+    head = {"mlm_nsp": "mlm_nsp", "classify": "classify"}.get(cfg["objective"], "lm")  # (span, seq2seq: the decoder's lm head)
+    # the encoder objectives: bidirectional, their head, [CLS] [SEP] [MASK] [PAD] after the base vocabulary (T5: and sentinels)
     task = {} if head == "lm" else dict(head=head, causal=False, **({"n_labels": len(meta["labels"]) if meta else 2} if head == "classify" else {}))
-    vocab = meta and meta["vocab_size"] + (data.N_SPECIAL if task else 0)
+    vocab = meta and meta["vocab_size"] + (extra := data.extra_tokens(cfg["objective"]))
     if ckpt_args is not None:
         for k in MODEL_KEYS:
             if cfg.get(k) is not None and k != "dropout" and cfg[k] != ckpt_args[k]:
@@ -257,12 +258,13 @@ def model_config(cfg, meta=None, ckpt_args=None):
             mcfg = M.config_from_preset(cfg["model"], **{**({"vocab_size": data.model_vocab(vocab, cfg["pad_vocab_to"])} if vocab else {}), **overrides})
     except ValueError as e:
         raise UserError(str(e)) from None
+    data.check_model(cfg["objective"], mcfg.n_dec_layer, cfg["dec_len"])
     if mcfg.head != head:
         raise UserError(f"the model has head={mcfg.head!r}, objective={cfg['objective']!r} needs {head!r}: "
                          f"set objective to match the checkpoint or the preset")
     if vocab and mcfg.vocab_size < vocab:
         raise UserError(f"vocab_size={mcfg.vocab_size} is smaller than the dataset's vocabulary ({vocab}: tokenizer "
-                         f"{meta['tokenizer']}{' + 4 special tokens' if task else ''}): token ids would overflow the embedding")
+                         f"{meta['tokenizer']}{f' + {extra} special tokens' if extra else ''}): token ids would overflow the embedding")
     return mcfg
 
 
