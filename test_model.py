@@ -996,6 +996,8 @@ def test_recipe_configs_run(tmp_path, monkeypatch):
                                                            "label": "even" if i % 2 else "odd"}) + "\n" for i in range(40)))
     plain = Path(prepare.prepare("plain", [str(tmp_path / "in.jsonl")], out_dir=tmp_path / "data", quiet=True))
     labelled = Path(prepare.prepare_classify("labelled", [str(tmp_path / "in.jsonl")], out_dir=tmp_path / "data", quiet=True))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"source": f"def f{i}(x, y{i}):", "target": f"x y{i}"}) + "\n" for i in range(400)))
+    pairs = Path(prepare.prepare_seq2seq("pairs", [str(tmp_path / "pairs.jsonl")], out_dir=tmp_path / "data", quiet=True))
     small = dict(n_layer=1, n_head=2, n_kv_head=0, n_embd=32, ffn_hidden=0, block_size=64)
     steps = dict(seq_len=0, max_iters=2, eval_interval=2, eval_iters=1, warmup_iters=1, log_interval=1, batch_size=2, device="cpu",
                  dtype="float32", compile=False, parallel="single", threads=1, data_root="data")
@@ -1005,14 +1007,16 @@ def test_recipe_configs_run(tmp_path, monkeypatch):
         cfg = train.get_config([str(path)])
         scratch = cfg["init_from"] == "scratch"
         if not (tmp_path / "data" / cfg["dataset"]).exists():
-            shutil.copytree(labelled if cfg["objective"] == "classify" else plain, tmp_path / "data" / cfg["dataset"])
-        cfg = train.get_config([str(path)] + [f"--{k}={v}" for k, v in {**(small if scratch else {}), **steps}.items()])
+            stand_in = {"classify": labelled, "seq2seq": pairs}.get(cfg["objective"], plain)
+            shutil.copytree(stand_in, tmp_path / "data" / cfg["dataset"])
+        sizes = {**small, **({"n_dec_layer": 1} if cfg["objective"] in data.T5_OBJECTIVES else {})} if scratch else {}
+        cfg = train.get_config([str(path)] + [f"--{k}={v}" for k, v in {**sizes, **steps}.items()])
         s = train.train(cfg)
         assert s["step"] == 2 and len(s["evals"]) == 2 and np.isfinite(s["train_losses"]).all(), path.name
-        specials = data.N_SPECIAL if cfg["objective"] != "clm" else 0
+        specials = data.extra_tokens(cfg["objective"])
         if scratch:  # the architecture is the preset's, the vocabulary the config's or the corpus's
             expect = {**M.PRESETS[cfg["model"]], **{k: cfg[k] for k in train.MODEL_KEYS if cfg.get(k) is not None}}
-            assert all(getattr(s["model"].cfg, k) == v for k, v in expect.items() if k not in small and k != "vocab_size")
+            assert all(getattr(s["model"].cfg, k) == v for k, v in expect.items() if k not in sizes and k != "vocab_size")
             assert s["model"].cfg.vocab_size == (cfg["vocab_size"] or data.model_vocab(257 + specials, cfg["pad_vocab_to"]))
 
 
