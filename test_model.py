@@ -2960,7 +2960,7 @@ def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkey
     for argv, named in cross:
         status, err = main_fails(argv, data_root, tmp_path, monkeypatch, capsys)
         assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and named in err, (argv, err)
-    assert len(train.DEFAULTS) == 59 and len(cases) == 96 and len(cross) == 21  # keys and cases covered
+    assert len(train.DEFAULTS) == 59 and len(cases) == 98 and len(cross) == 21  # keys and cases covered
 
 
 def test_cli_error_is_one_line_and_oom_is_named(data_root, tmp_path, monkeypatch, capsys):
