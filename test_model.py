@@ -1776,6 +1776,37 @@ def test_t5_exact_resume(data_root, t5_demo, tmp_path, objective):
     assert all(torch.equal(a[k], b[k]) for k in a) and full["metrics"] == rest["metrics"]
 
 
+# distributed: the encoder-decoder under DDP and FSDP (every encoder and decoder block sharded), 2 ranks
+
+T5_DIST = dict(batch_size=2, gradient_accumulation_steps=2, max_iters=4, eval_interval=2, eval_iters=2, warmup_iters=2,
+               lr_decay_iters=6, threads=1)
+
+
+def t5_dist_worker(data_root, out):
+    out, res = Path(out), {}
+    for name, kw in (("ddp", dict(parallel="ddp")), ("fsdp", dict(parallel="fsdp")),
+                     ("fsdp_bf16_ac", dict(parallel="fsdp", dtype="bfloat16", activation_checkpointing="full"))):
+        s = train.train(t5_cfg(data_root, out / name, **T5_DIST, **kw))
+        res[name] = {"losses": s["train_losses"], "evals": s["evals"], "sharded": sum(type(b).__name__.startswith("FSDP") for b in [*s["model"].blocks, *s["model"].dec_blocks])}
+    if int(os.environ["RANK"]) == 0:
+        torch.save(res, out / "t5_dist.pt")
+
+
+def test_t5_distributed_matches_single_process(data_root, tmp_path):
+    one = train.train(t5_cfg(data_root, tmp_path / "single", **{**T5_DIST, "batch_size": 4}))  # same global batch
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(Path(__file__).resolve()), "dist_t5", str(data_root), str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    res = torch.load(tmp_path / "t5_dist.pt", weights_only=True)
+    assert res["fsdp"]["sharded"] == T5_CFG["n_layer"] + M.PRESETS["t5-tiny"]["n_dec_layer"] and res["ddp"]["sharded"] == 0
+    for name in ("ddp", "fsdp"):
+        np.testing.assert_allclose(res[name]["losses"], one["train_losses"], atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose([v for _, v in res[name]["evals"]], [v for _, v in one["evals"]], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(res["fsdp_bf16_ac"]["losses"], one["train_losses"], atol=5e-2, rtol=0)
+
+
 @pytest.fixture(scope="session")
 def t5_seq2seq(data_root, t5_demo, tmp_path_factory):
     """A small T5 (2 + 4 blocks, 64 wide) after 300 steps on the demo task from scratch (~60 s on one core),
@@ -3065,4 +3096,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["dist"]:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["dist_bert"]:
     bert_dist_worker(*sys.argv[2:])
+    torch.distributed.destroy_process_group()
+
+if __name__ == "__main__" and sys.argv[1:2] == ["dist_t5"]:
+    t5_dist_worker(*sys.argv[2:])
     torch.distributed.destroy_process_group()
