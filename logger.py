@@ -28,7 +28,7 @@ import prepare
 from common import UserError, all_reduce_sum, atomic_write, mfu, peak_flops, state_bytes, to_host, unsharded_grads
 
 SAMPLE_PROMPT, SAMPLE_TOKENS = 32, 64  # clm samples: the validation split's first 32 tokens, continued by 64
-SAMPLED = ("clm", "mlm_nsp", "classify")  # the objectives sample_every knows how to show
+SAMPLED = ("clm", "mlm_nsp", "classify", "span", "seq2seq")  # the objectives sample_every knows how to show
 
 
 def check_logging(cfg):

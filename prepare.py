@@ -232,7 +232,7 @@ def chunks(docs, n_chars):
 
 
 def tokenized(docs, tok, workers=1):
-    """(ids with the separator appended, in the corpus dtype; input nbytes; UTF-8 bytes of the text) for each
+    """(ids with the separator appended, in the corpus dtype; input nbytes; UTF-8 bytes of the text; largest id) for each
     (text, nbytes) document, in input order. With workers > 1 that many threads tokenize chunks, at most
     2 * workers chunks ahead of the caller, so memory stays bounded; the result is the same for any workers."""
     dtype = dtype_for_vocab(tok.vocab_size)
@@ -242,7 +242,8 @@ def tokenized(docs, tok, workers=1):
         for (text, nbytes), ids in zip(chunk, tok.encode_batch([text for text, _ in chunk])):
             a = np.empty(len(ids) + 1, dtype)
             a[:-1], a[-1] = ids, tok.sep_id
-            out.append((a, nbytes, len(text.encode("utf-8", errors="replace"))))
+            out.append((a, nbytes, len(text.encode("utf-8", errors="replace")), int(a.max())))  # per-document work
+            # stays in the worker threads: the writer is serial
         return out
 
     if workers == 1:
@@ -317,12 +318,12 @@ def write_splits(folder, encoded, is_val, counts, dtype, append=False, progress=
     next_report = progress and progress[0] + REPORT_AFTER
     try:
         with open(paths["train"], "ab", buffering=1 << 20) as ftrain, open(paths["val"], "ab", buffering=1 << 20) as fval:
-            for ids, nbytes, utf8 in encoded:
+            for ids, nbytes, utf8, top in encoded:
                 split = "val" if is_val(i, counts["val_docs"]) else "train"
-                (fval if split == "val" else ftrain).write(ids.tobytes())
+                (fval if split == "val" else ftrain).write(ids)  # the buffer itself, no copy
                 counts[f"{split}_tokens"] += len(ids)
                 counts[f"{split}_docs"] += 1
-                counts[f"{split}_max_id"] = max(counts[f"{split}_max_id"], int(ids.max()))
+                counts[f"{split}_max_id"] = max(counts[f"{split}_max_id"], top)
                 counts[f"{split}_bytes"] += utf8  # the denominator of bits per byte
                 i, done, text_bytes = i + 1, done + nbytes, text_bytes + utf8
                 if progress and time.time() >= next_report:

@@ -1763,6 +1763,14 @@ def test_t5_objectives_need_an_encoder_decoder(data_root, tmp_path):
     assert train.model_config(cfg, data.load_meta(data_root / "pystdlib")).vocab_size == 257 + 4 + 100
 
 
+def test_t5_sample_every_logs_the_decoders_output(data_root, tmp_path):
+    train.train(t5_cfg(data_root, tmp_path, max_iters=2, eval_interval=2, eval_iters=1, warmup_iters=0, sample_every=2))
+    recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    samples = [r["sample"] for r in recs if "sample" in r]
+    # the source (its sentinels shown as <k>), then what the decoder wrote for it, greedily
+    assert len(samples) == 1 and " -> " in samples[0] and "<0>" in samples[0].split(" -> ")[0], samples
+
+
 @pytest.mark.parametrize("objective", ["span", "seq2seq"])
 def test_t5_exact_resume(data_root, t5_demo, tmp_path, objective):
     common = dict(batch_size=4, max_iters=6, eval_interval=3, lr_decay_iters=6, warmup_iters=2, dropout=0.1,
@@ -2992,6 +3000,16 @@ def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkey
         status, err = main_fails(argv, data_root, tmp_path, monkeypatch, capsys)
         assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and named in err, (argv, err)
     assert len(train.DEFAULTS) == 59 and len(cases) == 98 and len(cross) == 21  # keys and cases covered
+
+
+def test_seq_len_past_a_checkpoints_block_size_is_one_line(data_root, tmp_path, capsys):
+    train.train(tiny_cfg(data_root, tmp_path / "a", block_size=32, max_iters=2, eval_interval=2, warmup_iters=0))
+    capsys.readouterr()
+    status = train.main([f"--data_root={data_root}", f"--out_dir={tmp_path / 'b'}", "--device=cpu", "--threads=1",
+                         f"--init_from={tmp_path / 'a' / 'best.pt'}", "--seq_len=64", "--max_iters=2", "--warmup_iters=0"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "seq_len=64 is longer than the model's block_size=32" in err, err
+    assert not (tmp_path / "b").exists()
 
 
 def test_cli_error_is_one_line_and_oom_is_named(data_root, tmp_path, monkeypatch, capsys):

@@ -123,10 +123,7 @@ def check_config(cfg):
         raise UserError(f"min_lr={cfg['min_lr']} is above learning_rate={cfg['learning_rate']}: lower min_lr")
     check_logging(cfg)
     if cfg["init_from"] == "scratch":  # else the checkpoint decides the architecture (resolve_run checks it)
-        mcfg = model_config(cfg)
-        for key in ("seq_len", "dec_len"):
-            if cfg[key] > mcfg.block_size:
-                raise UserError(f"{key}={cfg[key]} is longer than the model's block_size={mcfg.block_size}: lower {key} or raise block_size")
+        model_config(cfg)
     return cfg
 
 
@@ -265,6 +262,10 @@ def model_config(cfg, meta=None, ckpt_args=None):
     if vocab and mcfg.vocab_size < vocab:
         raise UserError(f"vocab_size={mcfg.vocab_size} is smaller than the dataset's vocabulary ({vocab}: tokenizer "
                          f"{meta['tokenizer']}{f' + {extra} special tokens' if extra else ''}): token ids would overflow the embedding")
+    for key in ("seq_len", "dec_len"):
+        if cfg[key] > mcfg.block_size:
+            raise UserError(f"{key}={cfg[key]} is longer than the model's block_size={mcfg.block_size}: lower {key}"
+                            f"{' or raise block_size' if ckpt_args is None else ' (the checkpoint fixes block_size)'}")
     return mcfg
 
 
