@@ -280,6 +280,18 @@ def write_meta(folder, tok, counts, **extra):
     return meta
 
 
+def write_documents(folder, split, tok, texts):
+    """folder/SPLIT.bin from a small in-memory corpus (the labelled and seq2seq ones), each text followed by the
+    separator; the first call drops meta.json (the old corpus is no longer complete). Returns the split's counts."""
+    if split == "train":
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "meta.json").unlink(missing_ok=True)
+    ids = np.array([i for t in texts for i in tok.encode(t) + [tok.sep_id]], dtype=dtype_for_vocab(tok.vocab_size))
+    ids.tofile(folder / f"{split}.bin")
+    return {f"{split}_tokens": len(ids), f"{split}_docs": len(texts), f"{split}_max_id": int(ids.max(initial=0)),
+            f"{split}_bytes": sum(len(t.encode("utf-8")) for t in texts)}
+
+
 def read_old_meta(folder, tokenizer, val_fraction, val_docs):
     """--append: the corpus's meta.json, checked against this run's tokenizer and split options."""
     path = folder / "meta.json"
@@ -452,16 +464,11 @@ def prepare_classify(name=CLASSIFY_DEMO, inputs=None, tokenizer="bytes", out_dir
         raise UserError(f"labels {unseen} occur only in validation lines" if unseen else
                          f"a classification corpus needs 2+ labels in its training lines, got {labels}")
     tok, folder = get_tokenizer(tokenizer), Path(out_dir) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "meta.json").unlink(missing_ok=True)
     counts = {}
     for split in ("train", "val"):
         part = [(t, lab) for t, lab, sp in examples if sp == split]
-        ids = np.array([i for t, _ in part for i in tok.encode(t) + [tok.sep_id]], dtype=dtype_for_vocab(tok.vocab_size))
-        ids.tofile(folder / f"{split}.bin")
+        counts.update(write_documents(folder, split, tok, [t for t, _ in part]))
         np.save(folder / f"{split}_labels.npy", np.array([labels.index(lab) for _, lab in part], np.int64))
-        counts.update({f"{split}_tokens": len(ids), f"{split}_docs": len(part), f"{split}_max_id": int(ids.max(initial=0)),
-                       f"{split}_bytes": sum(len(t.encode("utf-8")) for t, _ in part)})
     meta = write_meta(folder, tok, counts, labels=labels, source=f"{name}: {len(examples)} labelled examples")
     if not quiet:
         print(f"wrote {folder}: {meta['train_docs']} train / {meta['val_docs']} val examples, {len(labels)} labels")
@@ -520,16 +527,9 @@ def prepare_seq2seq(name=SEQ2SEQ_DEMO, inputs=None, tokenizer="bytes", out_dir="
     else:
         raise UserError(f"no seq2seq corpus {name!r} built in (only {SEQ2SEQ_DEMO!r}); give --input=FILE.jsonl")
     tok, folder = get_tokenizer(tokenizer), Path(out_dir) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "meta.json").unlink(missing_ok=True)
     counts = {}
     for split in ("train", "val"):
-        part = [(s, t) for s, t, sp in examples if sp == split]
-        ids = np.array([i for pair in part for text in pair for i in tok.encode(text) + [tok.sep_id]],
-                       dtype=dtype_for_vocab(tok.vocab_size))
-        ids.tofile(folder / f"{split}.bin")
-        counts.update({f"{split}_tokens": len(ids), f"{split}_docs": 2 * len(part), f"{split}_max_id": int(ids.max(initial=0)),
-                       f"{split}_bytes": sum(len(text.encode("utf-8")) for pair in part for text in pair)})
+        counts.update(write_documents(folder, split, tok, [text for s, t, sp in examples if sp == split for text in (s, t)]))
     meta = write_meta(folder, tok, counts, seq2seq=True, source=f"{name}: {len(examples)} source/target pairs")
     if not quiet:
         print(f"wrote {folder}: {meta['train_docs'] // 2} train / {meta['val_docs'] // 2} val source/target pairs")
