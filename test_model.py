@@ -1099,12 +1099,16 @@ def dist_worker(phase, data_root, out):
         torch.save(res, out / f"phase{phase}.pt")
 
 
-def torchrun(phase, data_root, out):
+def run_ranks(*args):
+    """This file under torchrun with 2 ranks of one thread: its __main__ runs the worker args name."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(REPO / "test_model.py"), "dist", phase, str(data_root), str(out)],
-                       capture_output=True, text=True, env=env, timeout=600)
+                        str(REPO / "test_model.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+def torchrun(phase, data_root, out):
+    run_ranks("dist", phase, data_root, out)
     return torch.load(Path(out) / f"phase{phase}.pt", weights_only=True)
 
 
@@ -1802,11 +1806,7 @@ def t5_dist_worker(data_root, out):
 
 def test_t5_distributed_matches_single_process(data_root, tmp_path):
     one = train.train(t5_cfg(data_root, tmp_path / "single", **{**T5_DIST, "batch_size": 4}))  # same global batch
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(Path(__file__).resolve()), "dist_t5", str(data_root), str(tmp_path)],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_ranks("dist_t5", data_root, tmp_path)
     res = torch.load(tmp_path / "t5_dist.pt", weights_only=True)
     assert res["fsdp"]["sharded"] == T5_CFG["n_layer"] + M.PRESETS["t5-tiny"]["n_dec_layer"] and res["ddp"]["sharded"] == 0
     for name in ("ddp", "fsdp"):
@@ -1869,11 +1869,7 @@ def bert_dist_worker(data_root, out):
 
 def test_mlm_nsp_distributed_matches_single_process(data_root, tmp_path):
     one = train.train(tiny_cfg(data_root, tmp_path / "single", **{**BERT_DIST, "batch_size": 8}))  # same global batch
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(Path(__file__).resolve()), "dist_bert", str(data_root), str(tmp_path)],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_ranks("dist_bert", data_root, tmp_path)
     res = torch.load(tmp_path / "bert_dist.pt", weights_only=True)
     for name in ("ddp", "fsdp"):
         np.testing.assert_allclose(res[name]["losses"], one["train_losses"], atol=1e-5, rtol=0, err_msg=name)
