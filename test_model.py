@@ -1112,6 +1112,18 @@ def torchrun(phase, data_root, out):
     return torch.load(Path(out) / f"phase{phase}.pt", weights_only=True)
 
 
+DIST_MODES = (("ddp", dict(parallel="ddp")), ("fsdp", dict(parallel="fsdp")),
+              ("fsdp_bf16_ac", dict(parallel="fsdp", dtype="bfloat16", activation_checkpointing="full")))
+
+
+def modes_worker(make_cfg, record, out, file):
+    """On each rank: a run per DIST_MODES entry (make_cfg(its out_dir, **its keys)), and rank 0 saves
+    {mode: record(summary)} to out/file for the test to compare with a single process."""
+    res = {name: record(train.train(make_cfg(Path(out) / name, **kw))) for name, kw in DIST_MODES}
+    if int(os.environ["RANK"]) == 0:
+        torch.save(res, Path(out) / file)
+
+
 def assert_close_states(a, b, atol):
     assert a.keys() == b.keys()
     for k in a:
@@ -1795,13 +1807,10 @@ T5_DIST = dict(batch_size=2, gradient_accumulation_steps=2, max_iters=4, eval_in
 
 
 def t5_dist_worker(data_root, out):
-    out, res = Path(out), {}
-    for name, kw in (("ddp", dict(parallel="ddp")), ("fsdp", dict(parallel="fsdp")),
-                     ("fsdp_bf16_ac", dict(parallel="fsdp", dtype="bfloat16", activation_checkpointing="full"))):
-        s = train.train(t5_cfg(data_root, out / name, **T5_DIST, **kw))
-        res[name] = {"losses": s["train_losses"], "evals": s["evals"], "sharded": sum(type(b).__name__.startswith("FSDP") for b in [*s["model"].blocks, *s["model"].dec_blocks])}
-    if int(os.environ["RANK"]) == 0:
-        torch.save(res, out / "t5_dist.pt")
+    modes_worker(lambda o, **kw: t5_cfg(data_root, o, **T5_DIST, **kw),
+                 lambda s: {"losses": s["train_losses"], "evals": s["evals"],
+                            "sharded": sum(type(b).__name__.startswith("FSDP") for b in [*s["model"].blocks, *s["model"].dec_blocks])},
+                 out, "t5_dist.pt")
 
 
 def test_t5_distributed_matches_single_process(data_root, tmp_path):
@@ -1858,13 +1867,8 @@ BERT_DIST = dict(BERT_CFG, batch_size=4, gradient_accumulation_steps=2, max_iter
 
 
 def bert_dist_worker(data_root, out):
-    out, res = Path(out), {}
-    for name, kw in (("ddp", dict(parallel="ddp")), ("fsdp", dict(parallel="fsdp")),
-                     ("fsdp_bf16_ac", dict(parallel="fsdp", dtype="bfloat16", activation_checkpointing="full"))):
-        s = train.train(tiny_cfg(data_root, out / name, **BERT_DIST, **kw))
-        res[name] = {"losses": s["train_losses"], "metrics": s["metrics"]}
-    if int(os.environ["RANK"]) == 0:
-        torch.save(res, out / "bert_dist.pt")
+    modes_worker(lambda o, **kw: tiny_cfg(data_root, o, **BERT_DIST, **kw),
+                 lambda s: {"losses": s["train_losses"], "metrics": s["metrics"]}, out, "bert_dist.pt")
 
 
 def test_mlm_nsp_distributed_matches_single_process(data_root, tmp_path):
