@@ -21,7 +21,7 @@ functions (compile, dtype, activation checkpointing behave the same). Bench opti
   --peak_tflops=X      MFU against X TFLOP/s instead of common.peak_flops (spec table or measured)
   --estimate[=PRESET] --gpus=N   per-GPU memory of params, grads, AdamW state and activations;
                        allocates nothing. --parallel, --dtype, --batch_size, --block_size apply.
-  --prepare[=MB]       tokens/s of prepare.py (gpt2 BPE, 1 and all threads) on MB (300) of text, the
+  --prepare[=MB]       tokens/s of prepare.py (gpt2 BPE, 1 and all worker processes) on MB (300) of text, the
                        stdlib's .py files repeated as .jsonl, against a plain single-process loop of
                        encode_ordinary over the same documents; PREPARE_ROUNDS alternating rounds, medians
 A bench option or train.py key that takes a value may also be given as '--key value'.
@@ -307,12 +307,12 @@ PREPARE_ROUNDS = 3
 
 
 def run_prepare(mb, emit):
-    """prepare.py's tokens/s with the gpt2 BPE, 1 and min(cpu count, 8) threads, against a plain loop of
+    """prepare.py's tokens/s with the gpt2 BPE, 1 and min(cpu count, 8) worker processes, against a plain loop of
     encode_ordinary over the same documents (read the same way, nothing written), on mb MB of .jsonl made
     of the stdlib's .py files repeated; the variants alternate their order each round."""
     tok = prepare.get_tokenizer("gpt2")
     texts = [Path(f).read_text(encoding="utf-8", errors="replace") for _, f in prepare.pystdlib_files()]
-    threads = min(os.cpu_count() or 1, 8)
+    procs = min(os.cpu_count() or 1, 8)
     with tempfile.TemporaryDirectory() as tmp:
         path, size = os.path.join(tmp, "docs.jsonl"), 0
         with open(path, "w") as f:
@@ -326,7 +326,7 @@ def run_prepare(mb, emit):
             return meta["train_tokens"] + meta["val_tokens"]
 
         variants = {"encode_ordinary loop": lambda: sum(len(tok.encode(t)) + 1 for t, _ in readers.iter_documents([path])),
-                    "prepare.py, 1 thread": lambda: run(1), f"prepare.py, {threads} threads": lambda: run(threads)}
+                    "prepare.py, 1 process": lambda: run(1), f"prepare.py, {procs} processes": lambda: run(procs)}
         names, seconds, tokens = list(variants), {v: [] for v in variants}, set()
         emit(f"{size / 1e6:.0f} MB of text, gpt2 BPE, {PREPARE_ROUNDS} rounds of {', '.join(names)}")
         for r in range(PREPARE_ROUNDS):

@@ -863,8 +863,8 @@ def test_split_rule():
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_tokenizing_threads_keep_order(tmp_path, gpt2, monkeypatch, workers):
-    """Chunks far smaller than the corpus, tokenized by 1 or 2 threads: the files hold exactly each document's
+def test_tokenizing_workers_keep_order(tmp_path, gpt2, monkeypatch, workers):
+    """Chunks far smaller than the corpus, tokenized by 1 or 2 worker processes: the files hold exactly each document's
     encode_ordinary ids (text that looks like a special token, or is not valid UTF-8, included) and its separator."""
     texts = [f"def f_{i}(x):\n    return x * {i}  # ✓ {'<|endoftext|>' if i % 7 == 0 else ''}\n" * (i % 13 + 1)
              for i in range(300)] + ["lone surrogate \ud800 here"]
@@ -2113,8 +2113,8 @@ def test_bench_prepare_mode(gpt2, monkeypatch):
     """bench.py --prepare: prepare.py's tokens/s against a plain encode_ordinary loop, on the same documents."""
     monkeypatch.setattr(bench, "PREPARE_ROUNDS", 1)
     res = bench.main(["--prepare=1"])
-    threads = min(os.cpu_count() or 1, 8)
-    assert set(res["variants"]) == {"encode_ordinary loop", "prepare.py, 1 thread", f"prepare.py, {threads} threads"}
+    procs = min(os.cpu_count() or 1, 8)
+    assert set(res["variants"]) == {"encode_ordinary loop", "prepare.py, 1 process", f"prepare.py, {procs} processes"}
     assert 1 <= res["mb"] < 1.1 and 1e5 < res["tokens"] < 1e6  # (every variant counted the same tokens)
     assert res["variants"]["encode_ordinary loop"]["speedup"] == 1.0
 
