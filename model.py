@@ -29,7 +29,7 @@ class ModelConfig:
     ffn_hidden: int = 0         # 0 means 4*C for gelu/relu, LLaMA's 8/3*C rounded up to multiple_of when gated
     multiple_of: int = 256
     norm: str = "layernorm"     # layernorm | rmsnorm
-    mlp: str = "gelu"           # gelu | swiglu | relu (T5) | geglu (T5 v1.1: gelu(gate) * value)
+    mlp: str = "gelu"           # gelu | swiglu | relu (T5) | geglu (T5 v1.1: gelu(gate) * value) | relu2 (relu(x)^2)
     pos: str = "learned"        # learned | rope | relative: T5's bias per head for bucketed distances, and with
                                 # it T5's init, unscaled attention, and a tied head's input scaled by C^-0.5
     relative_attention_num_buckets: int = 32
@@ -37,6 +37,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     bias: bool = True
+    qk_norm: bool = False       # RMSNorm of each head's q and k (before RoPE): bounded attention logits
     norm_eps: float = 1e-5
     dropout: float = 0.0
     causal: bool = True         # False: bidirectional attention (the BERT path)
@@ -57,7 +58,7 @@ class ModelConfig:
                              f"n_kv_head must divide n_head")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}")
-        for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu", "relu", "geglu")),
+        for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu", "relu", "geglu", "relu2")),
                              ("pos", ("learned", "rope", "relative")), ("gelu_approx", ("tanh", "none")),
                              ("head", ("lm", "mlm_nsp", "classify"))):
             if getattr(self, key) not in allowed:
@@ -72,7 +73,7 @@ class ModelConfig:
                 raise ValueError(f"an encoder-decoder (n_dec_layer={self.n_dec_layer}) needs {key}={want!r}, "
                                  f"got {getattr(self, key)!r}")
         if not self.ffn_hidden:
-            if self.mlp in ("gelu", "relu"):
+            if self.mlp not in GATED:
                 self.ffn_hidden = 4 * self.n_embd
             else:
                 h = int(2 * 4 * self.n_embd / 3)
@@ -184,6 +185,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True  # scaled init, see Transformer.init_tensor
         self.scale = 1.0 if cfg.pos == "relative" else None  # T5 folds 1/sqrt(D) into q's init instead
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps), nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
 
     def forward(self, x, rope=None, cache=None, pos=0, attn_mask=None, memory=None):
         """Self-attention over x (B, T, C), or with memory (B, S, C) cross-attention: keys and values from
@@ -195,6 +198,8 @@ class Attention(nn.Module):
         else:
             src = x if memory is None else memory
             k, v = self.kv(src).view(B, src.size(1), 2, self.n_kv_head, -1).permute(2, 0, 3, 1, 4)  # (B, Hkv, S, D)
+            k = self.k_norm(k) if self.cfg.qk_norm else k
+        q = self.q_norm(q) if self.cfg.qk_norm else q
         if rope is not None:
             cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -239,8 +244,10 @@ class MLP(nn.Module):
         gate, val = h.chunk(2, dim=-1) if self.kind in GATED else (h, None)
         if self.kind == "swiglu":
             h = F.silu(gate)
+        elif self.kind in ("relu", "relu2"):
+            h = F.relu(gate).square() if self.kind == "relu2" else F.relu(gate)
         else:
-            h = F.relu(gate) if self.kind == "relu" else F.gelu(gate, approximate=self.gelu_approx)
+            h = F.gelu(gate, approximate=self.gelu_approx)
         return self.down(h if val is None else h * val)
 
 
