@@ -51,11 +51,9 @@ class ModelConfig:
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"pick n_embd a multiple of n_head")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_embd a multiple of n_head")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
-                             f"n_kv_head must divide n_head")
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; n_kv_head must divide n_head")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}")
         for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu", "relu", "geglu", "relu2")),
@@ -72,12 +70,9 @@ class ModelConfig:
             if getattr(self, key) != want:
                 raise ValueError(f"an encoder-decoder (n_dec_layer={self.n_dec_layer}) needs {key}={want!r}, "
                                  f"got {getattr(self, key)!r}")
-        if not self.ffn_hidden:
-            if self.mlp not in GATED:
-                self.ffn_hidden = 4 * self.n_embd
-            else:
-                h = int(2 * 4 * self.n_embd / 3)
-                self.ffn_hidden = self.multiple_of * math.ceil(h / self.multiple_of)
+        if not self.ffn_hidden:  # 4C; a gated unit (two up projections): LLaMA's 8/3 C, rounded up to multiple_of
+            gated = self.multiple_of * math.ceil(int(8 * self.n_embd / 3) / self.multiple_of)
+            self.ffn_hidden = gated if self.mlp in GATED else 4 * self.n_embd
 
 
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=False, bias=False, vocab_size=32000)
