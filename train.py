@@ -79,20 +79,20 @@ bias: bool = None
 qk_norm: bool = None                                  # RMSNorm of each head's queries and keys before attention (None: the preset's, off)
 dropout: Annotated[float, below(0.0, 1.0)] = None
 # optimizer: AdamW, or Muon for the blocks' matrices; linear warmup, then cosine or WSD decay to min_lr
-optimizer: Annotated[str, one_of("adamw", "muon")] = "adamw"  # muon: Muon (torch 2.9+) for the 2-D weights inside the blocks, AdamW for the rest
+optimizer: Annotated[str, one_of("adamw", "muon")] = "muon"  # muon: Muon (torch 2.9+) for the 2-D weights inside the blocks, AdamW for the rest
 learning_rate: Annotated[float, at_least(0.0)] = 3e-3  # AdamW's peak (with muon: embeddings, head, norms, biases)
-muon_lr: Annotated[float, at_least(0.0)] = 0.02       # Muon's peak; its schedule is AdamW's scaled by muon_lr / learning_rate
+muon_lr: Annotated[float, at_least(0.0)] = 0.01       # Muon's peak; its schedule is AdamW's scaled by muon_lr / learning_rate
 muon_momentum: Annotated[float, below(0.0, 1.0)] = 0.95
-lr_schedule: Annotated[str, one_of("cosine", "wsd")] = "cosine"  # wsd: warmup, constant, then linear to min_lr over the last decay_frac of the steps
+lr_schedule: Annotated[str, one_of("cosine", "wsd")] = "wsd"  # wsd: warmup, constant, then linear to min_lr over the last decay_frac of the steps
 decay_frac: Annotated[float, fraction] = 0.2          # wsd: the share of the steps (lr_decay_iters or max_iters) that decays
-max_iters: Annotated[int, at_least(0)] = 3000         # 0: evaluate the init_from checkpoint only
+max_iters: Annotated[int, at_least(0)] = 2750         # 0: evaluate the init_from checkpoint only
 weight_decay: Annotated[float, at_least(0.0)] = 0.1
 beta1: Annotated[float, below(0.0, 1.0)] = 0.9
 beta2: Annotated[float, below(0.0, 1.0)] = 0.95
 grad_clip: Annotated[float, at_least(0.0)] = 1.0      # 0: off
 warmup_iters: Annotated[int, at_least(0)] = 100
 lr_decay_iters: Annotated[int, at_least(1)] = None    # None: max_iters
-min_lr: Annotated[float, at_least(0.0)] = 3e-4
+min_lr: Annotated[float, at_least(0.0)] = 0.0          # where the decay ends (Muon's: scaled as its peak)
 # system
 device: Annotated[str, device_rule] = "auto"          # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 dtype: Annotated[str, one_of("auto", "float32", "bfloat16", "float16")] = "auto"  # auto: bfloat16 on cuda if supported, else float16; float32 elsewhere
