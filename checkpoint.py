@@ -68,11 +68,11 @@ def check_weights(model, state):
         raise UserError(f"checkpoint lacks parameter {missing[0]!r} ({len(missing)} missing): a different architecture")
 
 
-def restore(ckpt, model, optimizer=None):
-    """Load weights (and optimizer state) from either checkpoint kind into a plain, DDP-free or FSDP
+def restore(ckpt, model, optimizers=()):
+    """Load weights (and the optimizers' state) from either checkpoint kind into a plain, DDP-free or FSDP
     model: torch.distributed.checkpoint reshards, so the world size may differ from the saving run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-    opts = [optimizer] if optimizer is not None else []
+    opts = list(optimizers)
     if "dcp" in ckpt:
         import torch.distributed.checkpoint as dcp
         msd, osd = get_state_dict(model, opts)
@@ -86,11 +86,12 @@ def restore(ckpt, model, optimizer=None):
                        options=StateDictOptions(full_state_dict=True))
 
 
-def save_checkpoint(base, model, optimizer, extra, parallel, master):
-    """base.pt from rank 0 (single, DDP), or the sharded base.dcp folder written by all ranks (FSDP).
+def save_checkpoint(base, model, optimizers, extra, parallel, master):
+    """base.pt from rank 0 (single, DDP), or the sharded base.dcp folder written by all ranks (FSDP); the
+    optimizers' states (AdamW, Muon) are one state dict keyed by parameter name.
     Either is complete before it takes its name, so a crash mid-save loses nothing."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    msd, osd = get_state_dict(model, [optimizer])
+    msd, osd = get_state_dict(model, optimizers)
     if parallel != "fsdp":
         if master:
             save_file({"model": msd, "optimizer": osd, **extra}, base + ".pt")

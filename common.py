@@ -191,7 +191,42 @@ def peak_flops(device, dtype, measure: bool = True) -> tuple[float | None, str]:
             return found
     if not measure:
         return None, "unknown"
-    return measure_matmul_flops(device, dtype), f"measured {kind} matmul"
+    return cached_matmul_flops(device, dtype), f"measured {kind} matmul"
+
+
+def cached_matmul_flops(device, dtype):
+    """measure_matmul_flops once per machine, device, torch version, dtype and thread count (it costs seconds on a
+    CPU, at every launch otherwise), kept in $XDG_CACHE_HOME/anvil/peak_flops.json (default ~/.cache). A cache that
+    cannot be read or written is ignored: the run measures, as before."""
+    import torch
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    key = f"{platform.node()} | {device} {name} | torch {torch.__version__} | {dtype} | {torch.get_num_threads()} threads"
+    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "anvil", "peak_flops.json")
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):  # none yet, or corrupt
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    if isinstance(cache.get(key), float):
+        return cache[key]
+    flops = measure_matmul_flops(device, dtype)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, json.dumps({**cache, key: flops}, indent=1))
+    except OSError:
+        pass
+    return flops
+
+
+def cpu_name():
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def measure_matmul_flops(device, dtype, n=None, reps=5):
@@ -299,6 +334,9 @@ def at_least(lo):
 
 def below(lo, hi):
     return rule(f"in [{lo}, {hi})", lambda v: lo <= v < hi, [lo - 0.5, hi])
+
+
+fraction = rule("in [0, 1]", lambda v: 0 <= v <= 1, [-0.5, 1.5])
 
 
 def one_of(*choices):

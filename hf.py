@@ -101,6 +101,8 @@ def from_hf_config(c):
 
 def arch_of(cfg):
     """The Hugging Face architecture an anvil ModelConfig is, or a UserError naming why none is."""
+    if cfg.qk_norm:
+        raise UserError("this model has qk_norm=True, which none of GPT-2, LLaMA, BERT or T5 has: Hugging Face export does not support it")
     lm = cfg.causal and not cfg.post_norm and not cfg.type_vocab_size and cfg.head == "lm"
     if lm and (cfg.norm, cfg.mlp, cfg.pos, cfg.bias, cfg.n_kv_head) == ("layernorm", "gelu", "learned", True, cfg.n_head):
         return "GPT2LMHeadModel"

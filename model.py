@@ -37,6 +37,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     bias: bool = True
+    qk_norm: bool = False       # RMSNorm of each head's q and k (before RoPE): bounded attention logits
     norm_eps: float = 1e-5
     dropout: float = 0.0
     causal: bool = True         # False: bidirectional attention (the BERT path)
@@ -50,11 +51,9 @@ class ModelConfig:
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"pick n_embd a multiple of n_head")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_embd a multiple of n_head")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
-                             f"n_kv_head must divide n_head")
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; n_kv_head must divide n_head")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}")
         for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu", "relu", "geglu")),
@@ -71,12 +70,9 @@ class ModelConfig:
             if getattr(self, key) != want:
                 raise ValueError(f"an encoder-decoder (n_dec_layer={self.n_dec_layer}) needs {key}={want!r}, "
                                  f"got {getattr(self, key)!r}")
-        if not self.ffn_hidden:
-            if self.mlp in ("gelu", "relu"):
-                self.ffn_hidden = 4 * self.n_embd
-            else:
-                h = int(2 * 4 * self.n_embd / 3)
-                self.ffn_hidden = self.multiple_of * math.ceil(h / self.multiple_of)
+        if not self.ffn_hidden:  # 4C; a gated unit (two up projections): LLaMA's 8/3 C, rounded up to multiple_of
+            gated = self.multiple_of * math.ceil(int(8 * self.n_embd / 3) / self.multiple_of)
+            self.ffn_hidden = gated if self.mlp in GATED else 4 * self.n_embd
 
 
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=False, bias=False, vocab_size=32000)
@@ -184,6 +180,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True  # scaled init, see Transformer.init_tensor
         self.scale = 1.0 if cfg.pos == "relative" else None  # T5 folds 1/sqrt(D) into q's init instead
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps), nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
 
     def forward(self, x, rope=None, cache=None, pos=0, attn_mask=None, memory=None):
         """Self-attention over x (B, T, C), or with memory (B, S, C) cross-attention: keys and values from
@@ -195,6 +193,8 @@ class Attention(nn.Module):
         else:
             src = x if memory is None else memory
             k, v = self.kv(src).view(B, src.size(1), 2, self.n_kv_head, -1).permute(2, 0, 3, 1, 4)  # (B, Hkv, S, D)
+            k = self.k_norm(k) if self.cfg.qk_norm else k
+        q = self.q_norm(q) if self.cfg.qk_norm else q
         if rope is not None:
             cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -60,12 +60,19 @@ def data_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_home(tmp_path_factory):
+    """The measured CPU peak is cached under XDG_CACHE_HOME: the tests (and their torchrun ranks) use their own."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
 def tiny_cfg(data_root, out_dir, **kw):
     """A train.py config for a quick CPU run on pystdlib."""
     cfg = dict(train.DEFAULTS)
     cfg.update(data_root=str(data_root), out_dir=str(out_dir), n_layer=2, n_embd=64, n_head=4, block_size=64,
                batch_size=8, max_iters=20, eval_interval=10, eval_iters=2, log_interval=100, warmup_iters=5,
-               learning_rate=3e-3, threads=1, device="cpu")
+               learning_rate=3e-3, threads=1, device="cpu",
+               optimizer="adamw", lr_schedule="cosine", min_lr=3e-4)  # what the tests were written for (the old defaults)
     cfg.update(kw)
     return cfg
 
@@ -280,6 +287,94 @@ def test_exact_resume(data_root, tmp_path):
     assert ca["step"] == cb["step"] == 12
     for name, st in ca["optimizer"]["state"].items():  # keyed by parameter name
         assert all(torch.equal(st[k], cb["optimizer"]["state"][name][k]) for k in st), name
+
+
+def ns_reference(G, steps=5):
+    """Newton-Schulz's quintic iteration toward U V^T of G = U S V^T (Keller Jordan's coefficients), in float64."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.double().T if G.size(0) > G.size(1) else G.double()
+    X = X / X.norm()
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if G.size(0) > G.size(1) else X
+
+
+def test_muon_groups_and_update_match_newton_schulz(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, tmp_path, optimizer="muon", muon_lr=0.02, weight_decay=0.1)
+    for net in (small_model("gpt2"), small_model("llama"), t5_small()):
+        adamw, muon = train.make_optimizer(cfg, net, torch.device("cpu"))
+        ids = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
+        assert sorted(ids) == sorted(id(p) for p in net.parameters())  # every parameter in exactly one group
+        inner = {id(p) for b in blocks_of(net) for p in b.parameters() if p.dim() == 2}
+        assert {id(p) for p in muon.param_groups[0]["params"]} == inner  # the blocks' matrices, decoder's too
+        assert id(net.tok_emb.weight) in {id(p) for p in adamw.param_groups[0]["params"]}  # embeddings (and head): AdamW
+    train.set_lr([adamw, muon], cfg, 1.5e-3)  # half of learning_rate: Muon's lr is halved too
+    assert adamw.param_groups[0]["lr"] == 1.5e-3 and muon.param_groups[0]["lr"] == 0.01
+    w = net.dec_blocks[0].mlp.up  # (ffn_hidden, C): taller than wide
+    before, g = w.weight.detach().clone(), torch.randn_like(w.weight)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    w.weight.grad = g.clone()
+    muon.step()
+    update = (before * (1 - 0.01 * 0.1) - w.weight.detach()) / (0.01 * (g.size(0) / g.size(1)) ** 0.5)
+    ref = ns_reference(g).float()  # Muon's first step: Nesterov momentum is a multiple of g, which NS ignores
+    assert (update - ref).norm() / ref.norm() < 0.02  # torch runs the iteration in bf16
+    s = torch.linalg.svdvals(update)
+    assert 0.5 < s.min() and s.max() < 1.5  # orthogonalised: singular values near 1, whatever g's were
+
+
+def test_wsd_schedule_and_extending_a_resumed_run(data_root, tmp_path):
+    cfg = dict(train.DEFAULTS, lr_schedule="wsd", learning_rate=1.0, min_lr=0.0, warmup_iters=10, max_iters=100, decay_frac=0.2)
+    lr = [train.get_lr(cfg, i) for i in range(101)]
+    assert lr[:10] == [(i + 1) / 10 for i in range(10)] and set(lr[10:80]) == {1.0}  # warmup, then stable
+    assert lr[80:] == [(100 - i) / 20 for i in range(80, 100)] + [0.0]  # linear to zero over the last 20%
+    longer = [train.get_lr({**cfg, "max_iters": 200}, i) for i in range(201)]
+    assert longer[:160] == lr[:10] + [1.0] * 150 and longer[180] == 0.5  # raising max_iters moves the decay
+    # Muon + WSD: resume from a stable-phase checkpoint with max_iters raised equals the longer run from the start
+    run = dict(optimizer="muon", lr_schedule="wsd", decay_frac=0.25, eval_interval=6, warmup_iters=2)
+    full = train.train(tiny_cfg(data_root, tmp_path / "full", **run, max_iters=16))
+    short = train.train(tiny_cfg(data_root, tmp_path / "short", **run, max_iters=12))  # decays from step 9
+    (tmp_path / "ext").mkdir()
+    shutil.copy(tmp_path / "short" / "ckpt-0000006.pt", tmp_path / "ext")
+    ext = train.train(tiny_cfg(data_root, tmp_path / "ext", **run, max_iters=16, init_from="resume"))
+    assert short["train_losses"][:6] + ext["train_losses"] == full["train_losses"]  # bit for bit
+    assert short["train_losses"][6:] != ext["train_losses"][:6]  # (the short run decayed from step 9)
+    a, b = full["model"].state_dict(), ext["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (torch.load(tmp_path / d / "ckpt-0000016.pt", weights_only=True)["optimizer"]["state"] for d in ("full", "ext"))
+    assert "momentum_buffer" in ca["blocks.0.attn.q.weight"] and "exp_avg" in ca["tok_emb.weight"]  # both optimizers' state
+    assert all(torch.equal(v, cb[name][k]) for name, st in ca.items() for k, v in st.items())
+    with pytest.raises(common.UserError, match="trained with optimizer='muon'"):
+        train.train(tiny_cfg(data_root, tmp_path / "ext", **{**run, "optimizer": "adamw"}, max_iters=20, init_from="resume"))
+
+
+def test_qk_norm(monkeypatch):
+    m = small_model("llama", qk_norm=True)
+    seen = []  # the attention's q and k: unit RMS per head and position (before RoPE, which keeps norms)
+    monkeypatch.setattr(M, "apply_rope", lambda x, cos, sin: seen.append(x) or x)
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        m(x)
+    assert len(seen) == 4 and all(torch.allclose(t.pow(2).mean(-1), torch.ones(()), atol=1e-2) for t in seen)  # (eps)
+    monkeypatch.undo()
+    torch.testing.assert_close(m.generate(x, 8, temperature=0), m.generate(x, 8, temperature=0, use_cache=False))
+    with pytest.raises(common.UserError, match="qk_norm=True"):
+        hf.arch_of(m.cfg)  # no Hugging Face architecture has it
+
+
+def test_peak_cache(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(common, "measure_matmul_flops", lambda d, t: calls.append(1) or 1e11)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert common.peak_flops("cpu", torch.float32) == (1e11, "measured fp32 matmul") == common.peak_flops("cpu", torch.float32)
+    assert len(calls) == 1 and len(json.load(open(tmp_path / "anvil" / "peak_flops.json"))) == 1  # measured once
+    common.peak_flops("cpu", torch.bfloat16)
+    assert len(calls) == 2  # another dtype: measured
+    (tmp_path / "anvil" / "peak_flops.json").write_text("{not json")
+    assert common.peak_flops("cpu", torch.float32)[0] == 1e11 and len(calls) == 3  # corrupt: measured, and rewritten
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "anvil" / "peak_flops.json"))  # a file: cannot be a folder
+    assert common.peak_flops("cpu", torch.float32)[0] == 1e11 and len(calls) == 4
 
 
 def test_checkpoint_contents(data_root, tmp_path):
@@ -1056,6 +1151,7 @@ def dist_worker(phase, data_root, out):
         run("fsdp_step_sync", parallel="fsdp", fsdp_grad_sync="step")  # reduce-scatter once per step
         run("fsdp_ac", parallel="fsdp", activation_checkpointing="full")
         run("fsdp_ckpt", parallel="fsdp", max_iters=3)  # leaves out/fsdp_ckpt/ckpt.dcp at step 3
+        run("ddp_muon", parallel="ddp", optimizer="muon", lr_schedule="wsd")
         # meta-device init, sharded, equals a single-process init with the same seed
         cfg = tiny_cfg(data_root, out, **DIST)
         mcfg = M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size")})
@@ -1141,6 +1237,12 @@ def test_distributed_matches_single_process(data_root, tmp_path):
         np.testing.assert_allclose(p1[name]["losses"], single["losses"], atol=1e-5, rtol=0, err_msg=name)
         assert_close_states(p1[name]["state"], single["state"], atol=1e-4)
     np.testing.assert_allclose(p1["fsdp_bf16"]["losses"], single["losses"], atol=5e-3, rtol=0)
+    muon = train.train(tiny_cfg(data_root, tmp_path / "single_muon", **{**DIST, "batch_size": 8}, optimizer="muon", lr_schedule="wsd"))
+    # Muon's Newton-Schulz runs in bf16: the all-reduce's last-bit differences flip some bf16 roundings, measured
+    # measured as 3e-5 in the loss; the iteration (slope ~3.4 at 0, 5 steps) amplifies them in a matrix's small
+    # singular directions, so weights differ by up to ~2% of a small matrix's norm after 6 steps: the losses are compared
+    np.testing.assert_allclose(p1["ddp_muon"]["losses"], muon["train_losses"], atol=1e-4, rtol=0)
+    assert not np.allclose(muon["train_losses"], single["losses"])  # (Muon did step differently from AdamW)
     assert p1["rope_dtypes"] == ["(torch.bfloat16, torch.float32)"]  # bf16 activations, RoPE tables kept fp32  # bf16 compute, fp32 master weights and reduction: measured within 2.3e-3
 
     # initialisation: sharded on meta, materialised, equal to single-process init; each rank holds half
@@ -2995,11 +3097,12 @@ def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkey
         (["--objective=classify"], "labels"), ([f"--init_from={tmp_path / 'no.pt'}"], "no.pt"),
         (["--max_iters"], "--max_iters"), (["--batch_sise=4"], "batch_sise"), ([str(tmp_path / "none.py")], "none.py"),
         (["--objective=span"], "objective='span' needs an encoder-decoder"), (["--dec_len=8"], "dec_len=8"),
+        (["--optimizer=muon", "--parallel=fsdp"], "optimizer='muon' with parallel='fsdp'"),
     ]
     for argv, named in cross:
         status, err = main_fails(argv, data_root, tmp_path, monkeypatch, capsys)
         assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and named in err, (argv, err)
-    assert len(train.DEFAULTS) == 59 and len(cases) == 98 and len(cross) == 21  # keys and cases covered
+    assert len(train.DEFAULTS) == 65 and len(cases) == 109 and len(cross) == 22  # keys and cases covered
 
 
 def test_seq_len_past_a_checkpoints_block_size_is_one_line(data_root, tmp_path, capsys):

@@ -24,10 +24,10 @@ import torch
 import data
 import model as M
 import prepare
-from parallelize import build_model, load_shards
+from parallelize import blocks_of, build_model, load_shards
 from checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
 from common import (UserError, all_reduce_sum, at_least, barrier, below, catch_signals, check_value, destroy_distributed,
-                    device_rule, dir_lock, init_distributed, nonempty, one_of, parse_config, provenance, resolve_device,
+                    device_rule, dir_lock, fraction, init_distributed, nonempty, one_of, parse_config, provenance, resolve_device,
                     resolve_dtype, to_host, usage)
 from logger import check_logging, log, log_eval, log_start, log_step, open_sinks
 
@@ -76,17 +76,23 @@ pos: Annotated[str, one_of("learned", "rope", "relative")] = None
 rope_theta: Annotated[float, at_least(1.0)] = None
 tie_embeddings: bool = None
 bias: bool = None
+qk_norm: bool = None                                  # RMSNorm of each head's queries and keys before attention (None: the preset's, off)
 dropout: Annotated[float, below(0.0, 1.0)] = None
-# optimizer: AdamW, linear warmup then cosine decay to min_lr
-learning_rate: Annotated[float, at_least(0.0)] = 3e-3
-max_iters: Annotated[int, at_least(0)] = 3000         # 0: evaluate the init_from checkpoint only
+# optimizer: AdamW, or Muon for the blocks' matrices; linear warmup, then cosine or WSD decay to min_lr
+optimizer: Annotated[str, one_of("adamw", "muon")] = "muon"  # muon: Muon (torch 2.9+) for the 2-D weights inside the blocks, AdamW for the rest
+learning_rate: Annotated[float, at_least(0.0)] = 3e-3  # AdamW's peak (with muon: embeddings, head, norms, biases)
+muon_lr: Annotated[float, at_least(0.0)] = 0.01       # Muon's peak; its schedule is AdamW's scaled by muon_lr / learning_rate
+muon_momentum: Annotated[float, below(0.0, 1.0)] = 0.95
+lr_schedule: Annotated[str, one_of("cosine", "wsd")] = "wsd"  # wsd: warmup, constant, then linear to min_lr over the last decay_frac of the steps
+decay_frac: Annotated[float, fraction] = 0.2          # wsd: the share of the steps (lr_decay_iters or max_iters) that decays
+max_iters: Annotated[int, at_least(0)] = 2750         # 0: evaluate the init_from checkpoint only
 weight_decay: Annotated[float, at_least(0.0)] = 0.1
 beta1: Annotated[float, below(0.0, 1.0)] = 0.9
 beta2: Annotated[float, below(0.0, 1.0)] = 0.95
 grad_clip: Annotated[float, at_least(0.0)] = 1.0      # 0: off
 warmup_iters: Annotated[int, at_least(0)] = 100
 lr_decay_iters: Annotated[int, at_least(1)] = None    # None: max_iters
-min_lr: Annotated[float, at_least(0.0)] = 3e-4
+min_lr: Annotated[float, at_least(0.0)] = 0.0          # where the decay ends (Muon's: scaled as its peak)
 # system
 device: Annotated[str, device_rule] = "auto"          # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 dtype: Annotated[str, one_of("auto", "float32", "bfloat16", "float16")] = "auto"  # auto: bfloat16 on cuda if supported, else float16; float32 elsewhere
@@ -121,6 +127,12 @@ def check_config(cfg):
                         f"={decay}): lower warmup_iters or raise the decay")
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UserError(f"min_lr={cfg['min_lr']} is above learning_rate={cfg['learning_rate']}: lower min_lr")
+    if cfg["optimizer"] == "muon" and not hasattr(torch.optim, "Muon"):
+        raise UserError(f"optimizer='muon' needs torch 2.9 or newer (torch.optim.Muon), this is {torch.__version__}: "
+                        f"upgrade torch or use optimizer='adamw'")
+    if cfg["optimizer"] == "muon" and cfg["parallel"] == "fsdp":  # torch.optim.Muon would orthogonalise each rank's shard
+        raise UserError("optimizer='muon' with parallel='fsdp' is not supported (Muon needs whole matrices, FSDP holds "
+                        "shards): use parallel='ddp' or optimizer='adamw'")
     check_logging(cfg)
     if cfg["init_from"] == "scratch":  # else the checkpoint decides the architecture (resolve_run checks it)
         model_config(cfg)
@@ -219,6 +231,9 @@ def resolve_run(cfg, rt):
     if resuming and ckpt["step"] >= cfg["max_iters"]:
         raise UserError(f"the checkpoint {path} is at step {ckpt['step']}, max_iters={cfg['max_iters']}: nothing to train; "
                         f"raise max_iters to continue")
+    if resuming and ckpt["config"].get("optimizer", "adamw") != cfg["optimizer"]:  # its state would not fit
+        raise UserError(f"the checkpoint was trained with optimizer={ckpt['config'].get('optimizer', 'adamw')!r}, the config "
+                        f"sets optimizer={cfg['optimizer']!r}: resume with the checkpoint's")
     mcfg = model_config(cfg, meta, ckpt["model_args"] if ckpt else None)
     if ckpt and (ckpt["meta"]["tokenizer"], ckpt["meta"]["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"]):
         raise UserError(f"the checkpoint was trained with tokenizer {ckpt['meta']['tokenizer']!r}, dataset "
@@ -273,21 +288,41 @@ def model_config(cfg, meta=None, ckpt_args=None):
 # build: the model (parallelize.py), the optimizer, and what a checkpoint restores
 
 def make_optimizer(cfg, model, device):
+    """The optimizers, a list that train_step steps together: AdamW (no decay on norms and biases), and with
+    optimizer='muon' Muon over the 2-D weights inside the blocks, taken out of AdamW's groups."""
+    inner = {id(p) for block in blocks_of(model) for p in block.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                             fused=device.type == "cuda")
+    muon = [p for p in params if cfg["optimizer"] == "muon" and p.dim() == 2 and id(p) in inner]
+    rest = [p for p in params if not (cfg["optimizer"] == "muon" and p.dim() == 2 and id(p) in inner)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
+    adamw = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=device.type == "cuda")
+    return [adamw] + ([torch.optim.Muon(muon, lr=cfg["muon_lr"], weight_decay=cfg["weight_decay"],
+                                        momentum=cfg["muon_momentum"])] if muon else [])
 
 
 def get_lr(cfg, step):
-    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
+    """AdamW's learning rate at `step`: linear warmup, then to min_lr at lr_decay_iters (default max_iters), by a
+    cosine, or (wsd) constant and then linear over the last decay_frac of the steps. A function of the config and
+    the step alone: a run resumed with a larger max_iters moves its decay to the new end."""
+    end, peak, low = cfg["lr_decay_iters"] or cfg["max_iters"], cfg["learning_rate"], cfg["min_lr"]
     if step < cfg["warmup_iters"]:
-        return cfg["learning_rate"] * (step + 1) / cfg["warmup_iters"]
-    if step >= decay_iters:
-        return cfg["min_lr"]
-    ratio = (step - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+        return peak * (step + 1) / cfg["warmup_iters"]
+    if step >= end:
+        return low
+    if cfg["lr_schedule"] == "wsd":
+        start = max(cfg["warmup_iters"], end - round(cfg["decay_frac"] * end))
+        return peak if step < start else low + (peak - low) * (end - step) / (end - start)
+    ratio = (step - cfg["warmup_iters"]) / max(1, end - cfg["warmup_iters"])
+    return low + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - low)
+
+
+def set_lr(optimizers, cfg, lr):
+    """AdamW's groups at lr, Muon's at lr * muon_lr / learning_rate: one schedule for both."""
+    muon = lr * cfg["muon_lr"] / cfg["learning_rate"] if cfg["learning_rate"] else 0.0
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr if isinstance(opt, torch.optim.AdamW) else muon
 
 
 COUNTERS = ("step", "best_val", "bad_evals", "last_eval")  # what a checkpoint carries besides the state dicts
@@ -298,7 +333,7 @@ class State:
     """The live objects of a run, and the counters the loop updates."""
     model: torch.nn.Module      # what is called: plain, compiled, DDP-wrapped or FSDP-sharded
     raw: torch.nn.Module        # the Transformer itself, for state dicts
-    optimizer: torch.optim.Optimizer
+    optimizers: list            # AdamW, and Muon with optimizer='muon' (make_optimizer)
     scaler: torch.amp.GradScaler
     step: int = 0
     best_val: float = float("inf")
@@ -323,7 +358,7 @@ def build(cfg, rt, mcfg, ckpt=None, resuming=False):
     if ckpt and "shard" in ckpt:  # an hf: import under FSDP: this rank read its own dim-0 chunks only
         load_shards(raw, ckpt["model"])
     elif ckpt:
-        restore(ckpt, raw, s.optimizer if resuming else None)
+        restore(ckpt, raw, s.optimizers if resuming else ())
     if resuming:
         s.scaler.load_state_dict(ckpt["scaler"])
         for k in COUNTERS:
@@ -382,7 +417,8 @@ def forward_backward(s, batches, cfg, rt):
             loss = loss / A
         s.scaler.scale(loss).backward()
         loss_sum = loss_sum + loss.detach()
-    s.scaler.unscale_(s.optimizer)
+    for opt in s.optimizers:
+        s.scaler.unscale_(opt)
     return loss_sum, torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg["grad_clip"] or float("inf")), sums
 
 
@@ -392,8 +428,7 @@ def train_step(s, batches, cfg, rt, lr, flags=()):
     `flags`, e.g. "this rank got a signal"), then the update, skipped when non-finite (fp16: the scaler
     decides); max_bad_steps such steps in a row stop the run.
     Returns (mean loss, the flags summed over ranks, metric sums, whether the step was skipped as bad)."""
-    for group in s.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(s.optimizers, cfg, lr)
     torch.manual_seed(M.mix_seed(cfg["seed"], s.step * 1009 + rt.rank))  # dropout: a function of the step, so resume is exact
     loss_sum, norm, sums = forward_backward(s, batches, cfg, rt)
     host = torch.tensor([float(f) for f in flags], dtype=torch.float32)
@@ -403,9 +438,11 @@ def train_step(s, batches, cfg, rt, lr, flags=()):
     loss, bad_ranks, *flags = to_host(all_reduce_sum(torch.cat([loss_sum.float().view(1), nonfinite.view(1), host])))
     loss /= rt.world
     if not bad_ranks or s.scaler.is_enabled():  # fp16: the scaler skips inf gradients and lowers its scale
-        s.scaler.step(s.optimizer)
+        for opt in s.optimizers:
+            s.scaler.step(opt)
     s.scaler.update()
-    s.optimizer.zero_grad(set_to_none=True)
+    for opt in s.optimizers:
+        opt.zero_grad(set_to_none=True)
     s.step += 1
     bad = not math.isfinite(loss) or (bool(bad_ranks) and not s.scaler.is_enabled())
     s.bad_run = s.bad_run + 1 if bad else 0
@@ -460,7 +497,7 @@ def save(s, cfg, rt, run, best=False):
     out = cfg["out_dir"]
     for name in ([f"ckpt-{s.step:07d}"] if s.saved_step != s.step else []) + (["best"] if best else []):
         try:
-            save_checkpoint(os.path.join(out, name), s.raw, s.optimizer, extra, rt.parallel, rt.master)
+            save_checkpoint(os.path.join(out, name), s.raw, s.optimizers, extra, rt.parallel, rt.master)
         except OSError as e:
             raise OSError(f"could not write checkpoint {name} to {out} ({e}); the previous checkpoint "
                           f"{s.saved_path} is intact: free space or fix permissions, then resume") from e

@@ -25,6 +25,8 @@ batch_size = 32             # per GPU; x 8 GPUs = 256 sequences per step
 gradient_accumulation_steps = 1
 max_iters = 900000          # phase 1 ends here; phase 2 runs on to 1,000,000
 lr_decay_iters = 1000000    # one schedule across both phases
+optimizer = "adamw"          # tuned with AdamW and a cosine (train.py's defaults: Muon + WSD, for the quickstart)
+lr_schedule = "cosine"
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 10000

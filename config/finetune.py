@@ -5,6 +5,8 @@
 init_from = "out/best.pt"   # the pretrained checkpoint (its architecture is used)
 out_dir = "out-finetune"
 dataset = "mycode"
+optimizer = "adamw"          # tuned with AdamW and a cosine (train.py's defaults: Muon + WSD, for the quickstart)
+lr_schedule = "cosine"
 learning_rate = 3e-4
 min_lr = 3e-5
 warmup_iters = 20

@@ -18,6 +18,8 @@ batch_size = 32
 max_iters = 300
 eval_interval = 50
 eval_iters = 8              # 8 x 32 = 256 rows: the whole validation split (246 snippets)
+optimizer = "adamw"          # tuned with AdamW and a cosine (train.py's defaults: Muon + WSD, for the quickstart)
+lr_schedule = "cosine"
 learning_rate = 3e-4          # small, as BERT fine-tunes (the same for --init_from=scratch)
 min_lr = 3e-5
 warmup_iters = 30

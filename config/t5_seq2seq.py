@@ -19,6 +19,8 @@ batch_size = 32
 max_iters = 1000
 eval_interval = 100
 eval_iters = 7              # 7 x 32 = 224 rows: the whole validation split (215 headers)
+optimizer = "adamw"          # tuned with AdamW and a cosine (train.py's defaults: Muon + WSD, for the quickstart)
+lr_schedule = "cosine"
 learning_rate = 2e-3        # the same for --init_from=scratch
 min_lr = 2e-4
 warmup_iters = 50
