@@ -28,7 +28,7 @@ from parallelize import build_model, load_shards
 from checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
 from common import (UserError, all_reduce_sum, at_least, barrier, below, catch_signals, check_value, destroy_distributed,
                     device_rule, dir_lock, init_distributed, nonempty, one_of, parse_config, provenance, resolve_device,
-                    resolve_dtype, to_host, usage)
+                    resolve_dtype, rule, to_host, usage)
 from logger import check_logging, log, log_eval, log_start, log_step, open_sinks
 
 # -----------------------------------------------------------------------------------------------
@@ -59,6 +59,7 @@ seq_len: Annotated[int, at_least(0)] = 0              # tokens per sequence; 0: 
 dec_len: Annotated[int, at_least(0)] = 0              # encoder-decoder: decoder tokens per row; 0: T5's target length for span, seq_len for seq2seq
 batch_size: Annotated[int, at_least(1)] = 8           # sequences per micro-step per rank (small batches, many steps: best for a CPU budget)
 gradient_accumulation_steps: Annotated[int, at_least(1)] = 1  # micro-steps per optimizer step; global batch = batch_size * this * world
+label_fraction: Annotated[float, rule("in (0, 1]", lambda v: 0 < v <= 1, [0.0, 1.5])] = 1.0  # classify: train on this share of the labelled examples (data.label_subset: nested, per seed)
 # model: a preset from model.PRESETS; the fields after it override the preset (None: keep the preset's)
 model: Annotated[str, one_of(*M.PRESETS)] = "tiny"
 vocab_size: Annotated[int, at_least(1)] = None        # None: the dataset's vocabulary (meta.json)
@@ -119,6 +120,9 @@ def check_config(cfg):
     if cfg["warmup_iters"] > decay and cfg["max_iters"]:
         raise UserError(f"warmup_iters={cfg['warmup_iters']} is longer than the decay ({'lr_decay_iters' if cfg['lr_decay_iters'] else 'max_iters'}"
                         f"={decay}): lower warmup_iters or raise the decay")
+    if cfg["label_fraction"] < 1 and cfg["objective"] != "classify":
+        raise UserError(f"label_fraction={cfg['label_fraction']} picks labelled examples, which objective={cfg['objective']!r} "
+                        f"has not: drop it, or use objective='classify'")
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UserError(f"min_lr={cfg['min_lr']} is above learning_rate={cfg['learning_rate']}: lower min_lr")
     check_logging(cfg)
@@ -232,7 +236,7 @@ def resolve_run(cfg, rt):
             raise UserError(f"the {name} split holds token id {meta[f'{split}_max_id']} >= the model's vocab_size="
                              f"{mcfg.vocab_size}: the corpus does not fit this vocabulary; re-run prepare.py")
     resolved = dict(cfg, device=str(rt.device), dtype=str(rt.dtype).split(".")[-1], parallel=rt.parallel, compile=rt.compile)
-    return Run(meta, data.fit_splits(splits, cfg["objective"], T, cfg["dec_len"]), ckpt, resuming, mcfg, T, provenance(resolved, rt.device, rt.world))
+    return Run(meta, data.fit_splits(splits, cfg["objective"], T, cfg["dec_len"], cfg["label_fraction"], cfg["seed"]), ckpt, resuming, mcfg, T, provenance(resolved, rt.device, rt.world))
 
 
 def model_config(cfg, meta=None, ckpt_args=None):
