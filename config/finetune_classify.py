@@ -2,10 +2,10 @@
 # output; the MLM and NSP heads are dropped, everything else starts from the checkpoint. The built-in
 # demo task (no download): from which of the stdlib packages of 5+ files (19 on Python 3.11) does a
 # 126-byte snippet come (json/decoder.py -> json), split by file like pystdlib; prepared on first use.
-#   python finetune_grid.py                                      # pretrained vs scratch at 1/10/100% of the labels
 #   python train.py config/bert_quickstart.py                  # pretrain: out-bert/best.pt
 #   python train.py config/finetune_classify.py                # fine-tune it
 #   python train.py config/finetune_classify.py --init_from=scratch --out_dir=out-classify-scratch   # baseline
+#   python finetune_grid.py                                    # both, on 1/10/100% of the labels, 3 seeds: one table
 #   python sample.py --ckpt=out-classify --start=FILE:some_snippet.py    # the most likely labels
 # Your own task: a .jsonl of {"text": ..., "label": ...} lines (every 20th goes to validation):
 #   python prepare.py --classify --name=mytask --input=labelled.jsonl   # then --dataset=mytask
