@@ -3042,11 +3042,12 @@ def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkey
         (["--objective=classify"], "labels"), ([f"--init_from={tmp_path / 'no.pt'}"], "no.pt"),
         (["--max_iters"], "--max_iters"), (["--batch_sise=4"], "batch_sise"), ([str(tmp_path / "none.py")], "none.py"),
         (["--objective=span"], "objective='span' needs an encoder-decoder"), (["--dec_len=8"], "dec_len=8"),
+        (["--label_fraction=0.5"], "label_fraction=0.5 picks labelled examples"),
     ]
     for argv, named in cross:
         status, err = main_fails(argv, data_root, tmp_path, monkeypatch, capsys)
         assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and named in err, (argv, err)
-    assert len(train.DEFAULTS) == 59 and len(cases) == 98 and len(cross) == 21  # keys and cases covered
+    assert len(train.DEFAULTS) == 60 and len(cases) == 101 and len(cross) == 22  # keys and cases covered
 
 
 def test_seq_len_past_a_checkpoints_block_size_is_one_line(data_root, tmp_path, capsys):
