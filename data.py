@@ -75,6 +75,7 @@ sees the same global batch. Validation rows are fixed: the same at every evaluat
 """
 import itertools
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -150,10 +151,22 @@ def open_splits(data_dir, meta, objective):
     return tuple(corpus(data_dir, s, meta, objective) for s in ("train", "val"))
 
 
-def fit_splits(splits, objective, T, dec_len=0):
+def fit_splits(splits, objective, T, dec_len=0, label_fraction=1.0, seed=0):
     """The splits, for rows of T tokens: span and seq2seq splits sized and checked by t5_fit (dec_len: the
-    decoder's length, 0 derives it); the others as they are."""
+    decoder's length, 0 derives it); classify's training split drawing from label_subset only; the others as they are."""
+    if objective == "classify":
+        return dict(splits[0], subset=label_subset(len(splits[0]["ends"]), label_fraction, seed)), splits[1]
     return tuple(t5_fit(c, objective, T, dec_len) for c in splits) if objective in T5_OBJECTIVES else splits
+
+
+def label_subset(n, fraction, seed):
+    """The labelled training examples a classify run draws from: the first ceil(fraction * n) of a permutation
+    of the n seeded by `seed` (all n in order at 1.0). A smaller fraction's subset lies inside a larger one's
+    (same seed), and the subset is a function of its arguments, so resume needs no state."""
+    if fraction >= 1.0:
+        return np.arange(n)
+    k = math.ceil(round(fraction * n, 6))  # (round: 0.1 * 4030 is 403.00000000000006, which is 403 examples)
+    return np.random.default_rng((seed, 0x1abe1)).permutation(n)[:k]
 
 
 def train_batch(split, objective, T, rows, n_rows, seed, step):
@@ -267,8 +280,9 @@ def encoder_batch(c, T, objective, index, seed=None, step=None):
     the i-th fixed validation pair, or the i-th labelled example (label -1, ignored, past the end)."""
     rows = []
     for i in index:
-        if objective == "classify":
-            rows.append(classify_row(c, T, int(np.random.default_rng((seed, step, i)).integers(len(c["ends"])))
+        if objective == "classify":  # training: one of label_subset's examples (fit_splits), all of them by default
+            pick = c.get("subset", np.arange(len(c["ends"])))
+            rows.append(classify_row(c, T, int(pick[np.random.default_rng((seed, step, i)).integers(len(pick))])
                                      if seed is not None else i))
         else:
             rows.append(mlm_nsp_pair(c, T, np.random.default_rng((seed, step, i) if seed is not None else (i,))))

@@ -442,24 +442,23 @@ def text_bytes(path, dtype, tok, chunk=1 << 24):
 CLASSIFY_DEMO = "stdlib_modules"  # the built-in labelled task, see stdlib_module_examples
 
 
-def stdlib_module_examples(k=8, nbytes=256, per_file=16):
+def stdlib_module_examples(min_files=5, nbytes=126):
     """[(text, label, split)] of the demo task: from which top-level stdlib package (json/decoder.py ->
-    json) does a snippet of nbytes come. The k packages with the most files are kept; each file gives up
-    to per_file evenly spaced, non-overlapping snippets. Files split exactly like pystdlib (file i of
-    pystdlib_files() goes to val when i % VAL_EVERY == 0), so the pretraining corpus never holds a
-    validation snippet in its training split."""
+    json) does a snippet of nbytes come. The packages of min_files or more files are kept (19 on Python
+    3.11); each of their files is cut into consecutive snippets of nbytes (126: all that seq_len=128 reads
+    between [CLS] and [SEP]). Files split exactly like pystdlib (file i of pystdlib_files() goes to val
+    when i % VAL_EVERY == 0), so the pretraining corpus never holds a validation snippet in its training
+    split; every snippet of those files is used, for a validation set of ~2,000."""
     files = pystdlib_files()
     top = [rel.split("/")[0] if "/" in rel else rel[:-3] for rel, _ in files]
     counts = Counter(top)
-    keep = set(sorted(counts, key=lambda p: (-counts[p], p))[:k])
     out = []
     for i, ((rel, path), label) in enumerate(zip(files, top)):
-        if label not in keep:
+        if counts[label] < min_files:
             continue
         raw = Path(path).read_bytes()
-        n = max(1, len(raw) // nbytes)
-        for j in np.unique(np.linspace(0, n - 1, min(per_file, n)).round().astype(int)):
-            text = raw[j * nbytes:(j + 1) * nbytes].decode("utf-8", errors="ignore")
+        for j in range(0, len(raw), nbytes):
+            text = raw[j:j + nbytes].decode("utf-8", errors="ignore")
             if text.strip():
                 out.append((text, label, "val" if i % VAL_EVERY == 0 else "train"))
     return out

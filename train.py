@@ -28,7 +28,7 @@ from parallelize import blocks_of, build_model, load_shards
 from checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
 from common import (UserError, all_reduce_sum, at_least, barrier, below, catch_signals, check_value, destroy_distributed,
                     device_rule, dir_lock, fraction, init_distributed, nonempty, one_of, parse_config, provenance, resolve_device,
-                    resolve_dtype, to_host, usage)
+                    resolve_dtype, rule, to_host, usage)
 from logger import check_logging, log, log_eval, log_start, log_step, open_sinks
 
 # -----------------------------------------------------------------------------------------------
@@ -59,6 +59,7 @@ seq_len: Annotated[int, at_least(0)] = 0              # tokens per sequence; 0: 
 dec_len: Annotated[int, at_least(0)] = 0              # encoder-decoder: decoder tokens per row; 0: T5's target length for span, seq_len for seq2seq
 batch_size: Annotated[int, at_least(1)] = 8           # sequences per micro-step per rank (small batches, many steps: best for a CPU budget)
 gradient_accumulation_steps: Annotated[int, at_least(1)] = 1  # micro-steps per optimizer step; global batch = batch_size * this * world
+label_fraction: Annotated[float, rule("in (0, 1]", lambda v: 0 < v <= 1, [0.0, 1.5])] = 1.0  # classify: train on this share of the labelled examples (data.label_subset: nested, per seed)
 # model: a preset from model.PRESETS; the fields after it override the preset (None: keep the preset's)
 model: Annotated[str, one_of(*M.PRESETS)] = "tiny"
 vocab_size: Annotated[int, at_least(1)] = None        # None: the dataset's vocabulary (meta.json)
@@ -125,6 +126,9 @@ def check_config(cfg):
     if cfg["warmup_iters"] > decay and cfg["max_iters"]:
         raise UserError(f"warmup_iters={cfg['warmup_iters']} is longer than the decay ({'lr_decay_iters' if cfg['lr_decay_iters'] else 'max_iters'}"
                         f"={decay}): lower warmup_iters or raise the decay")
+    if cfg["label_fraction"] < 1 and cfg["objective"] != "classify":
+        raise UserError(f"label_fraction={cfg['label_fraction']} picks labelled examples, which objective={cfg['objective']!r} "
+                        f"has not: drop it, or use objective='classify'")
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UserError(f"min_lr={cfg['min_lr']} is above learning_rate={cfg['learning_rate']}: lower min_lr")
     if cfg["optimizer"] == "muon" and not hasattr(torch.optim, "Muon"):
@@ -247,7 +251,7 @@ def resolve_run(cfg, rt):
             raise UserError(f"the {name} split holds token id {meta[f'{split}_max_id']} >= the model's vocab_size="
                              f"{mcfg.vocab_size}: the corpus does not fit this vocabulary; re-run prepare.py")
     resolved = dict(cfg, device=str(rt.device), dtype=str(rt.dtype).split(".")[-1], parallel=rt.parallel, compile=rt.compile)
-    return Run(meta, data.fit_splits(splits, cfg["objective"], T, cfg["dec_len"]), ckpt, resuming, mcfg, T, provenance(resolved, rt.device, rt.world))
+    return Run(meta, data.fit_splits(splits, cfg["objective"], T, cfg["dec_len"], cfg["label_fraction"], cfg["seed"]), ckpt, resuming, mcfg, T, provenance(resolved, rt.device, rt.world))
 
 
 def model_config(cfg, meta=None, ckpt_args=None):
@@ -429,7 +433,8 @@ def train_step(s, batches, cfg, rt, lr, flags=()):
     decides); max_bad_steps such steps in a row stop the run.
     Returns (mean loss, the flags summed over ranks, metric sums, whether the step was skipped as bad)."""
     set_lr(s.optimizers, cfg, lr)
-    torch.manual_seed(M.mix_seed(cfg["seed"], s.step * 1009 + rt.rank))  # dropout: a function of the step, so resume is exact
+    if s.raw.cfg.dropout:  # dropout, a step's only randomness, as a function of the step, so resume is exact (reseeding
+        torch.manual_seed(M.mix_seed(cfg["seed"], s.step * 1009 + rt.rank))  # costs 1.4 ms: it walks every device type)
     loss_sum, norm, sums = forward_backward(s, batches, cfg, rt)
     host = torch.tensor([float(f) for f in flags], dtype=torch.float32)
     host = host.pin_memory().to(rt.device, non_blocking=True) if rt.device.type == "cuda" else host.to(rt.device)
