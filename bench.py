@@ -31,6 +31,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -320,9 +321,10 @@ def run_prepare(mb, emit):
                 line = json.dumps({"text": texts[size % len(texts)]}) + "\n"  # ASCII: bytes == characters
                 size += f.write(line)
 
-        def run(workers):
-            folder = prepare.prepare("bench", [path], tokenizer="gpt2", out_dir=tmp, workers=workers, quiet=True)
-            meta = json.loads(Path(folder, "meta.json").read_text())
+        def run(workers):  # the whole command, as a user runs it (its workers do not import this file's torch)
+            subprocess.run([sys.executable, prepare.__file__, "--name=bench", f"--input={path}", "--tokenizer=gpt2",
+                            f"--out_dir={tmp}", f"--workers={workers}", "--quiet"], check=True)
+            meta = json.loads(Path(tmp, "bench", "meta.json").read_text())
             return meta["train_tokens"] + meta["val_tokens"]
 
         variants = {"encode_ordinary loop": lambda: sum(len(tok.encode(t)) + 1 for t, _ in readers.iter_documents([path])),
