@@ -300,6 +300,15 @@ def ns_reference(G, steps=5):
     return X.T if G.size(0) > G.size(1) else X
 
 
+def test_optimizer_auto_is_muon_but_adamw_under_fsdp_or_old_torch(monkeypatch):
+    """optimizer='auto' (the default): Muon, but AdamW where Muon cannot run (FSDP shards, torch before 2.9)."""
+    of = lambda **kw: train.optimizer_of(dict(train.DEFAULTS, **kw))
+    assert train.DEFAULTS["optimizer"] == "auto"
+    assert (of(), of(parallel="ddp"), of(parallel="fsdp"), of(optimizer="adamw")) == ("muon", "muon", "adamw", "adamw")
+    monkeypatch.delattr(torch.optim, "Muon")
+    assert (of(), of(optimizer="muon")) == ("adamw", "muon")  # an explicit muon still gets check_config's one line
+
+
 def test_muon_groups_and_update_match_newton_schulz(data_root, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path, optimizer="muon", muon_lr=0.02, weight_decay=0.1)
     for net in (small_model("gpt2"), small_model("llama"), t5_small()):
@@ -2902,7 +2911,7 @@ def test_hf_gpt2_tokenizer_files_match_tiktoken(gpt2, tmp_path):
 # faults: kills, preemption, NaNs, a full disk, a dead rank
 
 FAULT = dict(n_layer=2, n_embd=64, n_head=4, block_size=64, batch_size=8, warmup_iters=5, eval_iters=2,
-             dropout=0.1, threads=1, log_interval=1)
+             dropout=0.1, threads=1, log_interval=1, optimizer="adamw", lr_schedule="cosine", min_lr=3e-4)
 
 
 def cli(cfg, data_root, out_dir):
@@ -3150,7 +3159,7 @@ def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkey
     for argv, named in cross:
         status, err = main_fails(argv, data_root, tmp_path, monkeypatch, capsys)
         assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and named in err, (argv, err)
-    assert len(train.DEFAULTS) == 66 and len(cases) == 111 and len(cross) == 23  # keys and cases covered
+    assert len(train.DEFAULTS) == 66 and len(cases) == 112 and len(cross) == 23  # keys and cases covered
 
 
 def test_seq_len_past_a_checkpoints_block_size_is_one_line(data_root, tmp_path, capsys):

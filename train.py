@@ -80,7 +80,7 @@ bias: bool = None
 qk_norm: bool = None                                  # RMSNorm of each head's queries and keys before attention (None: the preset's, off)
 dropout: Annotated[float, below(0.0, 1.0)] = None
 # optimizer: AdamW, or Muon for the blocks' matrices; linear warmup, then cosine or WSD decay to min_lr
-optimizer: Annotated[str, one_of("adamw", "muon")] = "muon"  # muon: Muon (torch 2.9+) for the 2-D weights inside the blocks, AdamW for the rest
+optimizer: Annotated[str, one_of("auto", "adamw", "muon")] = "auto"  # muon: Muon (torch 2.9+) for the 2-D weights inside the blocks, AdamW for the rest; auto: muon, else adamw under FSDP or before torch 2.9
 learning_rate: Annotated[float, at_least(0.0)] = 3e-3  # AdamW's peak (with muon: embeddings, head, norms, biases)
 muon_lr: Annotated[float, at_least(0.0)] = 0.01       # Muon's peak; its schedule is AdamW's scaled by muon_lr / learning_rate
 muon_momentum: Annotated[float, below(0.0, 1.0)] = 0.95
@@ -235,9 +235,10 @@ def resolve_run(cfg, rt):
     if resuming and ckpt["step"] >= cfg["max_iters"]:
         raise UserError(f"the checkpoint {path} is at step {ckpt['step']}, max_iters={cfg['max_iters']}: nothing to train; "
                         f"raise max_iters to continue")
-    if resuming and ckpt["config"].get("optimizer", "adamw") != cfg["optimizer"]:  # its state would not fit
-        raise UserError(f"the checkpoint was trained with optimizer={ckpt['config'].get('optimizer', 'adamw')!r}, the config "
-                        f"sets optimizer={cfg['optimizer']!r}: resume with the checkpoint's")
+    trained = resuming and optimizer_of({"optimizer": "adamw", "parallel": "single", **ckpt["config"]})
+    if resuming and trained != optimizer_of(cfg):  # its optimizer state would not fit
+        raise UserError(f"the checkpoint was trained with optimizer={trained!r}, the config gives "
+                        f"optimizer={optimizer_of(cfg)!r}: resume with --optimizer={trained}")
     mcfg = model_config(cfg, meta, ckpt["model_args"] if ckpt else None)
     if ckpt and (ckpt["meta"]["tokenizer"], ckpt["meta"]["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"]):
         raise UserError(f"the checkpoint was trained with tokenizer {ckpt['meta']['tokenizer']!r}, dataset "
@@ -291,13 +292,21 @@ def model_config(cfg, meta=None, ckpt_args=None):
 # -----------------------------------------------------------------------------------------------
 # build: the model (parallelize.py), the optimizer, and what a checkpoint restores
 
+def optimizer_of(cfg):
+    """The optimizer a config runs: optimizer='auto' is Muon, but AdamW under FSDP (Muon needs whole matrices)
+    or on a torch without torch.optim.Muon (before 2.9)."""
+    if cfg["optimizer"] != "auto":
+        return cfg["optimizer"]
+    return "adamw" if cfg["parallel"] == "fsdp" or not hasattr(torch.optim, "Muon") else "muon"
+
+
 def make_optimizer(cfg, model, device):
     """The optimizers, a list that train_step steps together: AdamW (no decay on norms and biases), and with
     optimizer='muon' Muon over the 2-D weights inside the blocks, taken out of AdamW's groups."""
     inner = {id(p) for block in blocks_of(model) for p in block.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    muon = [p for p in params if cfg["optimizer"] == "muon" and p.dim() == 2 and id(p) in inner]
-    rest = [p for p in params if not (cfg["optimizer"] == "muon" and p.dim() == 2 and id(p) in inner)]
+    muon = [p for p in params if optimizer_of(cfg) == "muon" and p.dim() == 2 and id(p) in inner]
+    rest = [p for p in params if not (optimizer_of(cfg) == "muon" and p.dim() == 2 and id(p) in inner)]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
     adamw = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=device.type == "cuda")
