@@ -14,7 +14,6 @@ time is reported apart). --workers=N runs N fine-tunes at a time, one CPU thread
 """
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import statistics
@@ -108,7 +107,7 @@ def table(runs, cfg, meta, n_train, pretrain_s, wall_s):
              f"{'init':<11} {'labels':>15} {'steps':>6} {'val acc':>8} {'min-max':>13} {'seeds':>5}"]
     rows, means = [], {}
     for f in sorted({f for _, f, _, _ in runs}):
-        k = math.ceil(round(f * n_train, 6)) if f < 1 else n_train  # data.label_subset's size
+        k = len(data.label_subset(n_train, f, 0))  # the same size for every seed
         for init in INITS:
             accs = [100 * r["acc"] for i, g, _, r in runs if (i, g) == (init, f)]
             means[init, f] = statistics.mean(accs)

@@ -242,7 +242,7 @@ def encode_chunk(chunk, tok=None):
     out = np.empty(offsets[-1], dtype_for_vocab(tok.vocab_size))
     for a, start, end in zip(ids, offsets[:-1], offsets[1:]):
         out[start:end - 1], out[end - 1] = a, tok.sep_id
-    tops = [int(out[a:b].max()) for a, b in zip(offsets[:-1], offsets[1:])]
+    tops = np.maximum.reduceat(out, offsets[:-1]).tolist()  # each document's largest id (none is empty: the separator)
     return out, offsets, [n for _, n in chunk], [len(t.encode("utf-8", errors="replace")) for t, _ in chunk], tops
 
 

@@ -305,8 +305,8 @@ def make_optimizer(cfg, model, device):
     optimizer='muon' Muon over the 2-D weights inside the blocks, taken out of AdamW's groups."""
     inner = {id(p) for block in blocks_of(model) for p in block.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    muon = [p for p in params if optimizer_of(cfg) == "muon" and p.dim() == 2 and id(p) in inner]
-    rest = [p for p in params if not (optimizer_of(cfg) == "muon" and p.dim() == 2 and id(p) in inner)]
+    to_muon = lambda p: optimizer_of(cfg) == "muon" and p.dim() == 2 and id(p) in inner
+    muon, rest = [p for p in params if to_muon(p)], [p for p in params if not to_muon(p)]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
     adamw = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=device.type == "cuda")
