@@ -309,7 +309,7 @@ def make_optimizer(cfg, model, device):
     muon, rest = [p for p in params if to_muon(p)], [p for p in params if not to_muon(p)]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
-    adamw = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=device.type == "cuda")
+    adamw = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=True)
     return [adamw] + ([torch.optim.Muon(muon, lr=cfg["muon_lr"], weight_decay=cfg["weight_decay"],
                                         momentum=cfg["muon_momentum"])] if muon else [])
 
