@@ -101,7 +101,7 @@ def table(runs, cfg, meta, n_train, pretrain_s, wall_s):
     val = np.load(Path(cfg["data_root"]) / cfg["dataset"] / "val_labels.npy")
     majority = np.bincount(val).max() / len(val)
     budget = (f"{cfg['max_iters']} steps of batch {cfg['batch_size']} x {cfg['seq_len']} tokens, learning rate {cfg['learning_rate']:g} "
-              f"(warmup {cfg['warmup_iters']}, cosine to {cfg['min_lr']:g}), dropout {cfg['dropout']}")
+              f"(warmup {cfg['warmup_iters']}, cosine to {cfg['min_lr']:g}; the head at {cfg['head_lr_mult']:g}x), dropout {cfg['dropout']}")
     lines = [f"fine-tune grid: {cfg['dataset']}, {len(meta['labels'])} labels, {len(val):,} validation snippets "
              f"(majority class {100 * majority:.1f}%); every run: {budget}",
              f"{'init':<11} {'labels':>15} {'steps':>6} {'val acc':>8} {'min-max':>13} {'seeds':>5}"]

@@ -309,6 +309,24 @@ def test_optimizer_auto_is_muon_but_adamw_under_fsdp_or_old_torch(monkeypatch):
     assert (of(), of(optimizer="muon")) == ("adamw", "muon")  # an explicit muon still gets check_config's one line
 
 
+def test_head_lr_mult_gives_a_classifiers_new_head_its_own_learning_rate():
+    """head_lr_mult: a classifier's pooler and classifier in one AdamW group at lr * head_lr_mult, every other
+    parameter at lr; an MLM+NSP model (whose heads are pretrained) has no such group."""
+    cfg = dict(train.DEFAULTS, optimizer="adamw", head_lr_mult=30.0, weight_decay=0.1)
+    net = bert_small(head="classify", n_labels=5)
+    [adamw] = train.make_optimizer(cfg, net, torch.device("cpu"))
+    train.set_lr([adamw], cfg, 1e-4)
+    head = {id(p) for m in (net.pooler, net.cls_head) for p in m.parameters()}
+    by_lr = {}
+    for g in adamw.param_groups:
+        by_lr.setdefault(round(g["lr"], 12), set()).update(id(p) for p in g["params"])
+    assert by_lr == {3e-3: head, 1e-4: {id(p) for p in net.parameters()} - head}
+    assert sum(len(g["params"]) for g in adamw.param_groups) == len(list(net.parameters()))  # each exactly once
+    [pretrain] = train.make_optimizer(cfg, bert_small(), torch.device("cpu"))
+    train.set_lr([pretrain], cfg, 1e-4)
+    assert {g["lr"] for g in pretrain.param_groups} == {1e-4}
+
+
 def test_muon_groups_and_update_match_newton_schulz(data_root, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path, optimizer="muon", muon_lr=0.02, weight_decay=0.1)
     for net in (small_model("gpt2"), small_model("llama"), t5_small()):
@@ -3148,7 +3166,7 @@ def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkey
     for argv, named in cross:
         status, err = main_fails(argv, data_root, tmp_path, monkeypatch, capsys)
         assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and named in err, (argv, err)
-    assert len(train.DEFAULTS) == 66 and len(cases) == 112 and len(cross) == 23  # keys and cases covered
+    assert len(train.DEFAULTS) == 67 and len(cases) == 114 and len(cross) == 23  # keys and cases covered
 
 
 def test_seq_len_past_a_checkpoints_block_size_is_one_line(data_root, tmp_path, capsys):

@@ -82,6 +82,7 @@ dropout: Annotated[float, below(0.0, 1.0)] = None
 # optimizer: AdamW, or Muon for the blocks' matrices; linear warmup, then cosine or WSD decay to min_lr
 optimizer: Annotated[str, one_of("auto", "adamw", "muon")] = "auto"  # muon: Muon (torch 2.9+) for the 2-D weights inside the blocks, AdamW for the rest; auto: muon, else adamw under FSDP or before torch 2.9
 learning_rate: Annotated[float, at_least(0.0)] = 3e-3  # AdamW's peak (with muon: embeddings, head, norms, biases)
+head_lr_mult: Annotated[float, at_least(0.0)] = 1.0   # classify: the head's (pooler, classifier) learning rate, times learning_rate
 muon_lr: Annotated[float, at_least(0.0)] = 0.01       # Muon's peak; its schedule is AdamW's scaled by muon_lr / learning_rate
 muon_momentum: Annotated[float, below(0.0, 1.0)] = 0.95
 lr_schedule: Annotated[str, one_of("cosine", "wsd")] = "wsd"  # wsd: warmup, constant, then linear to min_lr over the last decay_frac of the steps
@@ -307,8 +308,11 @@ def make_optimizer(cfg, model, device):
     params = [p for p in model.parameters() if p.requires_grad]
     to_muon = lambda p: optimizer_of(cfg) == "muon" and p.dim() == 2 and id(p) in inner
     muon, rest = [p for p in params if to_muon(p)], [p for p in params if not to_muon(p)]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
+    head = {id(p) for name in ("pooler", "cls_head") if model.cfg.head == "classify" for p in getattr(model, name).parameters()}
+    groups = [{"params": [p for p in rest if p.dim() >= 2 and id(p) not in head], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in rest if p.dim() < 2 and id(p) not in head], "weight_decay": 0.0},  # norms, biases
+              {"params": [p for p in rest if id(p) in head], "weight_decay": 0.0, "lr_mult": cfg["head_lr_mult"]}]
+    groups = [g for g in groups if g["params"]]  # (the head's group: a classifier's only)
     adamw = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=True)
     return [adamw] + ([torch.optim.Muon(muon, lr=cfg["muon_lr"], weight_decay=cfg["weight_decay"],
                                         momentum=cfg["muon_momentum"])] if muon else [])
@@ -331,11 +335,12 @@ def get_lr(cfg, step):
 
 
 def set_lr(optimizers, cfg, lr):
-    """AdamW's groups at lr, Muon's at lr * muon_lr / learning_rate: one schedule for both."""
+    """AdamW's groups at lr (a classifier's head at lr * head_lr_mult), Muon's at lr * muon_lr / learning_rate:
+    one schedule for all."""
     muon = lr * cfg["muon_lr"] / cfg["learning_rate"] if cfg["learning_rate"] else 0.0
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = lr if isinstance(opt, torch.optim.AdamW) else muon
+            group["lr"] = lr * group.get("lr_mult", 1.0) if isinstance(opt, torch.optim.AdamW) else muon
 
 
 COUNTERS = ("step", "best_val", "bad_evals", "last_eval")  # what a checkpoint carries besides the state dicts
