@@ -314,7 +314,7 @@ def test_head_lr_mult_gives_a_classifiers_new_head_its_own_learning_rate():
     parameter at lr; an MLM+NSP model (whose heads are pretrained) has no such group."""
     cfg = dict(train.DEFAULTS, optimizer="adamw", head_lr_mult=30.0, weight_decay=0.1)
     net = bert_small(head="classify", n_labels=5)
-    [adamw] = train.make_optimizer(cfg, net, torch.device("cpu"))
+    [adamw] = train.make_optimizer(cfg, net)
     train.set_lr([adamw], cfg, 1e-4)
     head = {id(p) for m in (net.pooler, net.cls_head) for p in m.parameters()}
     by_lr = {}
@@ -322,7 +322,7 @@ def test_head_lr_mult_gives_a_classifiers_new_head_its_own_learning_rate():
         by_lr.setdefault(round(g["lr"], 12), set()).update(id(p) for p in g["params"])
     assert by_lr == {3e-3: head, 1e-4: {id(p) for p in net.parameters()} - head}
     assert sum(len(g["params"]) for g in adamw.param_groups) == len(list(net.parameters()))  # each exactly once
-    [pretrain] = train.make_optimizer(cfg, bert_small(), torch.device("cpu"))
+    [pretrain] = train.make_optimizer(cfg, bert_small())
     train.set_lr([pretrain], cfg, 1e-4)
     assert {g["lr"] for g in pretrain.param_groups} == {1e-4}
 
@@ -330,7 +330,7 @@ def test_head_lr_mult_gives_a_classifiers_new_head_its_own_learning_rate():
 def test_muon_groups_and_update_match_newton_schulz(data_root, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path, optimizer="muon", muon_lr=0.02, weight_decay=0.1)
     for net in (small_model("gpt2"), small_model("llama"), t5_small()):
-        adamw, muon = train.make_optimizer(cfg, net, torch.device("cpu"))
+        adamw, muon = train.make_optimizer(cfg, net)
         ids = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
         assert sorted(ids) == sorted(id(p) for p in net.parameters())  # every parameter in exactly one group
         inner = {id(p) for b in blocks_of(net) for p in b.parameters() if p.dim() == 2}

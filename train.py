@@ -301,7 +301,7 @@ def optimizer_of(cfg):
     return "adamw" if cfg["parallel"] == "fsdp" or not hasattr(torch.optim, "Muon") else "muon"
 
 
-def make_optimizer(cfg, model, device):
+def make_optimizer(cfg, model):
     """The optimizers, a list that train_step steps together: AdamW (no decay on norms and biases), and with
     optimizer='muon' Muon over the 2-D weights inside the blocks, taken out of AdamW's groups."""
     inner = {id(p) for block in blocks_of(model) for p in block.parameters()}
@@ -309,10 +309,11 @@ def make_optimizer(cfg, model, device):
     to_muon = lambda p: optimizer_of(cfg) == "muon" and p.dim() == 2 and id(p) in inner
     muon, rest = [p for p in params if to_muon(p)], [p for p in params if not to_muon(p)]
     head = {id(p) for name in ("pooler", "cls_head") if model.cfg.head == "classify" for p in getattr(model, name).parameters()}
-    groups = [{"params": [p for p in rest if p.dim() >= 2 and id(p) not in head], "weight_decay": cfg["weight_decay"]},
-              {"params": [p for p in rest if p.dim() < 2 and id(p) not in head], "weight_decay": 0.0},  # norms, biases
-              {"params": [p for p in rest if id(p) in head], "weight_decay": 0.0, "lr_mult": cfg["head_lr_mult"]}]
-    groups = [g for g in groups if g["params"]]  # (the head's group: a classifier's only)
+    body = [p for p in rest if id(p) not in head]
+    groups = [{"params": [p for p in body if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in body if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
+    if head:  # a classifier's pooler and classifier: their own multiple of the learning rate (set_lr)
+        groups.append({"params": [p for p in rest if id(p) in head], "weight_decay": 0.0, "lr_mult": cfg["head_lr_mult"]})
     adamw = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=True)
     return [adamw] + ([torch.optim.Muon(muon, lr=cfg["muon_lr"], weight_decay=cfg["weight_decay"],
                                         momentum=cfg["muon_momentum"])] if muon else [])
@@ -367,7 +368,7 @@ def build(cfg, rt, mcfg, ckpt=None, resuming=False):
     """Model, optimizer and loss scaler; from a checkpoint, the weights (fine-tune) or everything (resume)."""
     model = build_model(cfg, mcfg, rt)
     raw = model.module if rt.parallel == "ddp" else model
-    s = State(model, raw, make_optimizer(cfg, raw, rt.device), torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16))
+    s = State(model, raw, make_optimizer(cfg, raw), torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16))
     if ckpt and not resuming and ckpt["model_args"].get("head", "lm") != mcfg.head:  # fine-tune onto another head
         if "model" not in ckpt:
             raise UserError("fine-tuning onto another head needs a .pt checkpoint: export the sharded one with "
