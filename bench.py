@@ -1,7 +1,7 @@
 """
 Benchmark anvil's training step, or estimate the memory of a run too big for this machine.
 
-    python bench.py                                      # the quickstart model: tiny, batch 32, block 256
+    python bench.py                                      # the quickstart model: tiny, batch 8, block 256
     python bench.py --model=gpt2 --block_size=256 --batch_size=4 --compare compile=False,compile=True
     python bench.py config/my_run.py --json=bench.json --profile
     python bench.py --estimate llama-7b --gpus 64 --parallel fsdp --batch_size=1
@@ -20,11 +20,13 @@ functions (compile, dtype, activation checkpointing behave the same). Bench opti
   --profile[=PATH]     a torch.profiler chrome trace of 3 steps (default bench_trace.json)
   --peak_tflops=X      MFU against X TFLOP/s instead of common.peak_flops (spec table or measured)
   --estimate[=PRESET] --gpus=N   per-GPU memory of params, grads, AdamW state and activations;
-                       allocates nothing. --parallel, --dtype, --batch_size, --block_size apply.
+                       allocates nothing. --parallel, --dtype, --batch_size, --block_size apply; a PRESET that
+                       one config file names (config/llama_7b.py: llama-7b) takes that file's settings first.
   --prepare[=MB]       tokens/s of prepare.py (gpt2 BPE, 1 and all worker processes) on MB (300) of text, the
                        stdlib's .py files repeated as .jsonl, against a plain single-process loop of
                        encode_ordinary over the same documents; PREPARE_ROUNDS alternating rounds, medians
-A bench option or train.py key that takes a value may also be given as '--key value'.
+A bench option or train.py key that takes a value may also be given as '--key value'. User errors: one
+line on stderr, exit status 2.
 """
 import ast
 import json
@@ -42,12 +44,13 @@ from typing import Annotated
 
 import torch
 
+import data
 import model as M
 import prepare
 import readers
 import train
-from common import (UserError, at_least, check_value, destroy_distributed, mfu, nonempty, one_of, peak_flops, provenance,
-                    rule, state_bytes, unsharded_grads)
+from common import (UserError, at_least, check_value, destroy_distributed, flops_per_token, mfu, nonempty, one_of,
+                    parse_config, peak_flops, provenance, rule, state_bytes, unsharded_grads, usage)
 
 OPTIONS = dict(steps=10, warmup=3, synthetic=False, compare=None, json=None, profile=None, peak_tflops=None,
                estimate=None, gpus=1, prepare=None)
@@ -67,7 +70,8 @@ def parse_args(argv):
         arg = argv.pop(0)
         key = arg[2:].partition("=")[0]
         if arg.startswith("--") and "=" not in arg and argv and not argv[0].startswith("--") and (
-                key not in FLAGS or key == "estimate" and argv[0] in M.PRESETS or key == "prepare" and argv[0].isdigit()):
+                key not in FLAGS or key == "estimate" and not os.path.isfile(argv[0])
+                or key == "prepare" and argv[0].isdigit()):
             arg = f"{arg}={argv.pop(0)}"  # '--gpus 64' -> '--gpus=64'; a lone --key is never valid otherwise
         if arg.startswith("--") and key in opts:
             if "=" not in arg:  # a flag standing alone: --synthetic, --json (stdout), --profile, --estimate
@@ -83,9 +87,17 @@ def parse_args(argv):
             opts[key] = check_value(key, value, OPTIONS[key], RULES[key])
         else:
             rest.append(arg)
-    if isinstance(opts["estimate"], str):
-        rest.insert(0, f"--model={opts['estimate']}")  # --estimate llama-7b is --model=llama-7b --estimate
+    if isinstance(opts["estimate"], str):  # --estimate llama-7b is --model=llama-7b --estimate, after its recipe
+        rest[:0] = recipes().get(opts["estimate"], []) + [f"--model={opts['estimate']}"]
     return opts, rest
+
+
+def recipes():
+    """{preset: [config file]} for the presets that exactly one file in config/ names as its model."""
+    named = {}
+    for path in sorted(Path(__file__).resolve().parent.glob("config/*.py")):
+        named.setdefault(parse_config([str(path)], train.DEFAULTS, train.RULES, "train.py")["model"], []).append(path)
+    return {preset: [str(paths[0])] for preset, paths in named.items() if preset and len(paths) == 1}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -94,7 +106,7 @@ def parse_args(argv):
 def count_params(mcfg):
     """(all parameters, one block's, one decoder block's or 0) counted exactly on the meta device: nothing is allocated."""
     with torch.device("meta"):
-        m = M.Transformer(mcfg)
+        m = M.from_config(mcfg)
     dec = sum(p.numel() for p in m.dec_blocks[0].parameters()) if mcfg.n_dec_layer else 0
     return m.num_params(), sum(p.numel() for p in m.blocks[0].parameters()), dec
 
@@ -158,6 +170,7 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
 
 
 def run_estimate(opts, cfg, emit):
+    cfg = train.settle(cfg)[0]
     mcfg = train.model_config(cfg)  # the preset's own vocabulary unless --vocab_size
     world = opts["gpus"]
     parallel = cfg["parallel"] if cfg["parallel"] != "auto" else "ddp" if world > 1 else "single"
@@ -165,7 +178,8 @@ def run_estimate(opts, cfg, emit):
     res = {ac: estimate_memory(mcfg, cfg["batch_size"], mcfg.block_size, world, parallel, dtype, ac, unsharded_grads(cfg, parallel))
            for ac in ("none", "full")}
     gib = lambda x: f"{x / 2**30:10.2f}"
-    emit(f"{cfg['model']}: {res['none']['n_params']:,} parameters; {parallel} on {world} GPU(s), {dtype}, "
+    recipe = " (" + ", ".join(recipes().get(cfg["model"], [])) + ")" if recipes().get(cfg["model"]) else ""
+    emit(f"{cfg['model']}{recipe}: {res['none']['n_params']:,} parameters; {parallel} on {world} GPU(s), {dtype}, "
          f"batch_size={cfg['batch_size']} per GPU, block_size={mcfg.block_size}; GiB per GPU "
          f"(configured activation_checkpointing={cfg['activation_checkpointing']}):")
     emit(f"{'activation_checkpointing':26s}" + "".join(f"{k:>12s}" for k in res["none"] if k != "n_params"))
@@ -189,14 +203,19 @@ def sync(device):
 def build_variant(cfg, opts):
     """Everything one configuration needs to take steps, built by train.py's own functions."""
     rt = train.setup(cfg)  # sets the CPU thread count
-    real = not opts["synthetic"] and os.path.exists(os.path.join(cfg["data_root"], cfg["dataset"], "meta.json"))
-    run = train.resolve_run(cfg, rt) if real else None
-    mcfg = run.mcfg if real else train.model_config(cfg)  # synthetic: the preset's vocabulary unless --vocab_size
-    T, B = run.T if real else cfg["seq_len"] or mcfg.block_size, cfg["batch_size"]
+    settled = train.settle(cfg)[0]
+    real = not opts["synthetic"] and os.path.exists(os.path.join(cfg["data_root"], settled["dataset"], "meta.json"))
+    if real:
+        run = train.resolve_run(cfg, rt)
+    else:  # synthetic: the preset's vocabulary unless --vocab_size
+        mcfg = train.model_config(settled)
+        settled.update(seq_len=cfg["seq_len"] or mcfg.block_size, parallel=rt.parallel)
+        run = train.Run(settled, data.OBJECTIVES[settled["objective"]], {}, (), None, None, mcfg, [], {})
+    mcfg, T, B = run.mcfg, run.cfg["seq_len"], cfg["batch_size"]
     batches = []  # made once and reused: the timed loop holds no data loading
     for micro in range(cfg["gradient_accumulation_steps"]):
         if real:
-            batches.append(train.get_batch(run, cfg, rt, 0, micro))
+            batches.append(train.get_batch(run, rt, 0, micro))
         else:  # random inputs and targets: the step costs the same as on text
             g = torch.Generator().manual_seed(cfg["seed"] + micro)
             x, y = torch.randint(mcfg.vocab_size, (2, B, T), generator=g).to(rt.device)
@@ -205,14 +224,14 @@ def build_variant(cfg, opts):
     if key not in PEAKS:
         PEAKS[key] = (opts["peak_tflops"] * 1e12, "--peak_tflops") if opts["peak_tflops"] else peak_flops(rt.device, rt.dtype)
     peak, peak_src = PEAKS[key]
-    return dict(cfg=cfg, rt=rt, mcfg=mcfg, T=T, state=train.build(cfg, rt, mcfg), batches=batches,
+    return dict(cfg=cfg, run=run, rt=rt, mcfg=mcfg, T=T, state=train.build(run.cfg, rt, mcfg), batches=batches,
                 threads=torch.get_num_threads(), data=cfg["dataset"] if real else "synthetic",
                 peak=peak, peak_src=peak_src, ms=[], mem=0, mem_reserved=0)
 
 
 def take_step(v):
     """One optimizer step, train.py's own: accumulation, the step's collective, clipping, the update."""
-    train.train_step(v["state"], v["batches"], v["cfg"], v["rt"], v["cfg"]["learning_rate"])
+    train.train_step(v["state"], v["batches"], v["run"], v["rt"], v["cfg"]["learning_rate"])
 
 
 def timed_step(v):
@@ -236,7 +255,7 @@ def report(v, opts, n_variants):
     tokens = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * rt.world * T
     q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else ms * 3
     tok_s = tokens / (med / 1000)
-    fpt = M.flops_per_token(mcfg, T, training=True)  # model FLOPs: checkpointing's recomputation not counted
+    fpt = flops_per_token(mcfg, T, training=True)  # model FLOPs: checkpointing's recomputation not counted
     achieved = fpt * tok_s / 1e12
     if rt.device.type == "cuda":
         note = " (this variant's steps, all variants resident)" if n_variants > 1 else ""
@@ -246,7 +265,8 @@ def report(v, opts, n_variants):
         mem = dict(peak_bytes=rss, source="peak RSS of the whole process (getrusage ru_maxrss)")
     est = estimate_memory(mcfg, cfg["batch_size"], T, rt.world, rt.parallel, rt.dtype, cfg["activation_checkpointing"],
                           unsharded_grads(cfg, rt.parallel))
-    return dict(model=cfg["model"], n_params=v["state"].raw.num_params(), model_config=asdict(mcfg), data=v["data"],
+    return dict(model=v["run"].cfg["model"], n_params=v["state"].raw.num_params(), model_config=asdict(mcfg),
+                data=v["data"],
                 device=str(rt.device), dtype=str(rt.dtype).split(".")[-1], compile=rt.compile,
                 activation_checkpointing=cfg["activation_checkpointing"], parallel=rt.parallel, world=rt.world,
                 threads=v["threads"], batch_size=cfg["batch_size"], block_size=T,
@@ -266,7 +286,7 @@ def run_bench(opts, rest, emit):
         variants.append(v)
     m0 = variants[0]
     rt = m0["rt"]
-    emit(f"model {m0['cfg']['model']}: {m0['state'].raw.num_params():,} parameters, {m0['data']} data; "
+    emit(f"model {m0['run'].cfg['model']}: {m0['state'].raw.num_params():,} parameters, {m0['data']} data; "
          f"{rt.device}, parallel={rt.parallel} world={rt.world}; warmup {opts['warmup']}, steps {opts['steps']}")
     for v in variants:  # compilation, allocator and optimizer-state warm-up happen here
         for _ in range(opts["warmup"]):
@@ -311,7 +331,11 @@ def run_prepare(mb, emit):
     """prepare.py's tokens/s with the gpt2 BPE, 1 and min(cpu count, 8) worker processes, against a plain loop of
     encode_ordinary over the same documents (read the same way, nothing written), on mb MB of .jsonl made
     of the stdlib's .py files repeated; the variants alternate their order each round."""
-    tok = prepare.get_tokenizer("gpt2")
+    try:
+        tok = prepare.get_tokenizer("gpt2")
+    except UserError as e:
+        raise UserError(f"bench.py --prepare times the gpt2 BPE, which cannot be loaded: {str(e).split('. Fix')[0]}. "
+                        f"Set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files, or run once online") from None
     texts = [Path(f).read_text(encoding="utf-8", errors="replace") for _, f in prepare.pystdlib_files()]
     procs = min(os.cpu_count() or 1, 8)
     with tempfile.TemporaryDirectory() as tmp:
@@ -348,8 +372,8 @@ def run_prepare(mb, emit):
 
 
 def main(argv):
-    if {"-h", "--help"} & set(argv):  # bench's own options; the rest are train.py's (python train.py --help)
-        return print(__doc__.strip())
+    if {"-h", "--help"} & set(argv):  # bench's own options, then train.py's keys
+        return print(__doc__.strip() + "\n\n" + usage("train.py's", train.DEFAULTS, train.RULES, train.__file__))
     opts, rest = parse_args(argv)
     # with a bare --json, stdout carries nothing but the JSON: the log, and any print from train.py, go to stderr
     to_stdout, out = opts["json"] is True, sys.stdout
@@ -374,6 +398,7 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except UserError as e:
-        sys.exit(f"bench.py: error: {e}")
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         destroy_distributed()

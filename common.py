@@ -63,6 +63,12 @@ def read_jsonl(path, stream=None):
             yield lineno, rec, len(line)
 
 
+def mix_seed(seed: int, n: int) -> int:
+    """One generator seed from the run's seed and a number (a step, a parameter name's hash): the formula behind
+    initialisation, data order and dropout, so each is a pure function of the seed."""
+    return seed * 1_000_003 + n
+
+
 def git_commit():
     """The commit of the checkout this file is in (with '+dirty' for uncommitted changes), or None."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -131,7 +137,34 @@ def resolve_dtype(requested, device_type, parallel, bf16=False, device_name=""):
 
 
 # -----------------------------------------------------------------------------------------------
-# peak FLOP/s and MFU: what the hardware can do (the model's FLOPs: model.flops_per_token)
+# MFU: the model's FLOPs per token (one implementation, for train.py's log and bench.py), the hardware's peaks
+
+def flops_per_token(cfg, seq_len: int | None = None, training: bool = True, dec_len: int | None = None) -> float:
+    """Matmul FLOPs per token (2 per multiply-add), attention scores included: every Linear in the
+    blocks and the heads, plus Q@K^T and P@V over the full seq_len window (as the dense kernels
+    compute them). Training counts forward + backward = 3x forward. Embedding lookups are free.
+    An encoder-decoder's token is any of a pair's seq_len source and dec_len (default seq_len) target
+    tokens: the pair's FLOPs divided by seq_len + dec_len."""
+    from model import GATED, mlm_slots
+    T = seq_len or cfg.block_size
+    C, D, L = cfg.n_embd, cfg.n_embd // cfg.n_head, cfg.n_layer
+    kv_linear = C * 2 * cfg.n_kv_head * D
+    attn_linear = C * cfg.n_head * D + kv_linear + C * C
+    mlp_linear = C * cfg.ffn_hidden * (3 if cfg.mlp in GATED else 2)
+    attn_scores = 2 * cfg.n_head * D * T  # (q . k) and (p . v) per query position
+    # the MLM head (transform + decoder) runs at mlm_slots(T) positions of each row's T; pooler, NSP and
+    # classifier once per row
+    head = {"lm": C * cfg.vocab_size,
+            "mlm_nsp": (mlm_slots(T) * (C * C + C * cfg.vocab_size) + C * C + C * 2) / T,
+            "classify": (C * C + C * cfg.n_labels) / T}[cfg.head]
+    fwd = 2 * (L * (attn_linear + mlp_linear + attn_scores) + head)
+    if cfg.n_dec_layer:  # per target token: self- and cross-attention (over the T source tokens), MLP, head; the
+        # cross-attention's keys and values are per source token
+        Td, Ld = dec_len or T, cfg.n_dec_layer
+        dec = Ld * (2 * attn_linear - kv_linear + mlp_linear + 2 * cfg.n_head * D * (Td + T)) + head
+        fwd = 2 * (T * (L * (attn_linear + mlp_linear + attn_scores) + Ld * kv_linear) + Td * dec) / (T + Td)
+    return 3 * fwd if training else fwd
+
 
 # Dense peak FLOP/s (without sparsity) from the vendors' datasheets and whitepapers, keyed by words of the device
 # name as the driver reports it (torch.cuda.get_device_name). bf16: the bf16 and fp16 tensor-core peak (GeForce:
@@ -298,13 +331,29 @@ def to_host(t):
     return t.tolist()
 
 
-def init_distributed(backend, timeout_minutes):
+def to_host_later(t):
+    """Start copying t to the host and return the function that finishes the read (to_host). On CUDA the copy goes
+    to pinned memory behind the kernels queued so far, so the host then waits for those alone, while kernels queued
+    after this call (the optimizer's) run; elsewhere the function simply reads."""
+    import torch
+    if t.device.type != "cuda":
+        return lambda: to_host(t)
+    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    buf.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return lambda: done.synchronize() or to_host(buf)
+
+
+def init_distributed(backend, timeout_minutes, device=None):
     """Under torchrun, join the process group (even at world size 1: DDP needs one) unless already in it.
-    A collective that waits longer than the timeout (a dead rank) fails instead of hanging."""
+    A collective that waits longer than the timeout (a dead rank) fails instead of hanging. device: this rank's
+    GPU, so the group (its barrier included) knows it from the start."""
     if "RANK" in os.environ and not dist_on():
         from datetime import timedelta
         import torch.distributed as dist
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
+                                **({"device_id": device} if device is not None else {}))
 
 
 def destroy_distributed():
@@ -347,11 +396,32 @@ nonempty = rule("non-empty", lambda v: v.strip() != "", [""])
 device_rule = rule("'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), ["gpu"])
 
 
-def usage(doc, defaults, rules):
-    """--help: the script's docstring, then every key with its default and what it allows."""
-    keys = [f"  --{k}={v!r}  ({constraint(rules[k])[0].__name__}{' ' + constraint(rules[k])[1].allowed if constraint(rules[k])[1] else ''})"
-            for k, v in defaults.items()]
-    return doc.strip() + "\n\nkeys (--key=value; a config file may set them too):\n" + "\n".join(keys)
+def usage(doc, defaults, rules, path):
+    """--help: the script's docstring, then every key with its default, what it allows and the comment beside
+    it in the script at `path`."""
+    notes, lines = comments(path), []
+    for k, v in defaults.items():
+        kind, r = constraint(rules[k])
+        lines.append(f"  --{k}={v!r}  ({kind.__name__}{' ' + r.allowed if r else ''})" + (f"  {notes[k]}" if k in notes
+                                                                                         else ""))
+    return doc.strip() + "\n\nkeys (--key=value; a config file may set them too):\n" + "\n".join(lines)
+
+
+def comments(path):
+    """{name: the comment beside its top-level assignment in the file, with the comment lines that continue it (a
+    '#' then two or more spaces, right below)}."""
+    import tokenize
+    out, key, last = {}, None, -1
+    with open(path, "rb") as f:
+        for tok in tokenize.tokenize(f.readline):
+            row = tok.start[0]
+            if tok.type == tokenize.NAME and tok.start[1] == 0:
+                key, last = tok.string, row
+            elif tok.type == tokenize.COMMENT and key and row == last:
+                out[key] = tok.string.lstrip("#").strip()
+            elif tok.type == tokenize.COMMENT and key in out and row == last + 1 and tok.string.startswith("#  "):
+                out[key], last = out[key] + " " + tok.string.lstrip("#").strip(), row
+    return out
 
 
 def constraint(annotation):

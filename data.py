@@ -1,8 +1,11 @@
 """
-Reading prepared corpora, and the batch builders of every objective: next-token windows (clm), MLM + NSP
-pairs (mlm_nsp), labelled rows (classify), and for the encoder-decoder T5's span corruption (span) and
-source/target pairs (seq2seq). prepare.py writes the format below; train.py and bench.py read it only
-through this file.
+The data format, its readers, and the objectives: each objective is one record in OBJECTIVES, beside its batch
+builder: next-token windows (clm), MLM + NSP pairs (mlm_nsp), labelled rows (classify), and for the
+encoder-decoder T5's span corruption (span) and source/target pairs (seq2seq). A record says which model head the
+objective trains, the ids it adds to the vocabulary, its built-in corpus and model, how it opens and fits a split,
+its batches, its metrics, and how the log shows a sample; train.py, logger.py and the config rules read it.
+prepare.py writes the format below; everything else reads it only through this file, which needs nothing of
+prepare.py.
 
 Data format (the one place it is written down)
 ----------------------------------------------
@@ -37,6 +40,10 @@ floor(i * F) > floor((i - 1) * F), F = val_fraction as an exact decimal fraction
 (0.05: i % 20 == 0, the fixed rule of the built-in corpora), until val_docs_limit
 documents are there, and to train.bin otherwise. prepare.py --append continues the
 numbering (and the rule) of the corpus, so appending equals one run over all inputs.
+A corpus of fewer than 1/F documents (one text file, say) is split inside each document
+instead, as nanoGPT splits its one file: the first 1 - F of its text (to a line boundary)
+goes to train.bin, the rest to val.bin, each a document of its own; meta.json then has
+split_inside: true (such a corpus cannot be appended to).
 
 Labelled corpora (for classification fine-tuning; prepare.py --classify, or the built-in
 "stdlib_modules") are the same three files, where each document is one example, plus
@@ -59,12 +66,7 @@ vocab_size + 4 + k. Their decoder starts from [PAD] (as T5's does), and the end 
 A model's vocab_size may be larger still (train.py's pad_vocab_to, see model_vocab):
 those rows are never a target and never sampled.
 
-Tokenizers: "bytes" is UTF-8 bytes 0..255 with separator 256 (vocab 257), and needs
-nothing. Any tiktoken encoding (gpt2, cl100k_base, o200k_base, ...) uses its
-<|endoftext|> token as separator; tiktoken downloads its files on first use, or
-reads them from the folder in TIKTOKEN_CACHE_DIR. A tiktoken BPE file's separator is
-the id after its last rank; a tokenizer.json's is the eos_token of the
-tokenizer_config.json beside it (else the first of prepare.SEP_NAMES it has).
+Tokenizers: see tokenizer.py.
 
 Batches
 -------
@@ -76,16 +78,18 @@ sees the same global batch. Validation rows are fixed: the same at every evaluat
 import itertools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError, atomic_write
-from model import HEAD_PREFIXES, mix_seed, mlm_positions
-from prepare import get_tokenizer_from_meta, text_bytes
+from common import UserError, atomic_write, mix_seed
+from model import HEAD_PREFIXES, mlm_positions
+from tokenizer import get_tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
 # reading a prepared corpus
@@ -94,10 +98,11 @@ def load_meta(data_dir):
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise UserError(f"{path} not found: {data_dir} is not a prepared corpus; make one with: "
-                                f"python prepare.py --input=YOUR_TEXT_FILES --name={Path(data_dir).name}")
+                        f"python prepare.py --input=YOUR_TEXT_FILES --name={Path(data_dir).name}")
     try:
         meta = json.loads(path.read_text())
-        missing = [k for k in ("tokenizer", "vocab_size", "dtype", "sep_id", "train_tokens", "val_tokens") if k not in meta]
+        missing = [k for k in ("tokenizer", "vocab_size", "dtype", "sep_id", "train_tokens", "val_tokens")
+                   if k not in meta]
     except (json.JSONDecodeError, TypeError) as e:
         raise UserError(f"{path} is not valid meta.json ({e}); re-run prepare.py") from e
     if missing:
@@ -115,7 +120,8 @@ def max_ids(data_dir):
         a = load_split(data_dir, split, meta)
         meta[f"{split}_max_id"] = max(int(a[i:i + (1 << 26)].max()) for i in range(0, len(a), 1 << 26))
         try:  # decoding needs the tokenizer: without it (tiktoken offline, no cache) no bits per byte
-            meta[f"{split}_bytes"] = text_bytes(Path(data_dir) / f"{split}.bin", meta["dtype"], get_tokenizer_from_meta(meta))
+            meta[f"{split}_bytes"] = text_bytes(Path(data_dir) / f"{split}.bin", meta["dtype"],
+                                                get_tokenizer_from_meta(meta))
         except UserError:
             pass
     try:
@@ -123,6 +129,20 @@ def max_ids(data_dir):
     except OSError:  # a read-only corpus: computed again next time
         pass
     return meta
+
+
+def text_bytes(path, dtype, tok, chunk=1 << 24):
+    """The UTF-8 bytes of the documents in a split file (the denominator of bits per byte), decoded a chunk at
+    a time; a chunk ends after a separator, so no character is cut (unless one document is longer than a chunk)."""
+    ids, n, i = np.memmap(path, dtype=dtype, mode="r") if Path(path).stat().st_size else [], 0, 0
+    while i < len(ids):
+        part = np.asarray(ids[i:i + chunk])
+        ends = np.flatnonzero(part == tok.sep_id)
+        part = part[:ends[-1] + 1] if len(ends) and i + chunk < len(ids) else part
+        text = part[part != tok.sep_id]
+        n += len(text) if tok.name == "bytes" else len(tok.decode(text.tolist()).encode("utf-8"))  # bytes: one per id
+        i += len(part)
+    return n
 
 
 def load_split(data_dir, split, meta=None):
@@ -135,66 +155,37 @@ def load_split(data_dir, split, meta=None):
     expect = n * np.dtype(meta["dtype"]).itemsize
     if size != expect:
         raise UserError(f"{path} holds {size} bytes but meta.json says {n} {meta['dtype']} tokens "
-                         f"({expect} bytes): the file is truncated or stale; re-run prepare.py")
+                        f"({expect} bytes): the file is truncated or stale; re-run prepare.py")
     if size == 0:
         raise UserError(f"{path} is empty; re-run prepare.py on more text")
     return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 
-
-def open_splits(data_dir, meta, objective):
-    """(train, val) as the batch builders take them: the token arrays for clm, else each split indexed by
-    encoder_corpus, or by t5_corpus for span and seq2seq (whose rows fit_splits then sizes)."""
-    if objective == "clm":
-        return load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
-    corpus = t5_corpus if objective in T5_OBJECTIVES else encoder_corpus
-    return tuple(corpus(data_dir, s, meta, objective) for s in ("train", "val"))
+def _positions(data, pred, chunk=1 << 26):
+    """np.flatnonzero(pred(data)) a chunk at a time, so a large memmap is never expanded whole."""
+    found = [np.flatnonzero(pred(np.asarray(data[i:i + chunk]))) + i for i in range(0, len(data), chunk)]
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
-def fit_splits(splits, objective, T, dec_len=0, label_fraction=1.0, seed=0):
-    """The splits, for rows of T tokens: span and seq2seq splits sized and checked by t5_fit (dec_len: the
-    decoder's length, 0 derives it); classify's training split drawing from label_subset only; the others as they are."""
-    if objective == "classify":
-        return dict(splits[0], subset=label_subset(len(splits[0]["ends"]), label_fraction, seed)), splits[1]
-    return tuple(t5_fit(c, objective, T, dec_len) for c in splits) if objective in T5_OBJECTIVES else splits
+def documents(data_dir, split, meta):
+    """One split with its documents indexed once: document d is data[starts[d]:ends[d]] (ends[d] is the
+    position of its separator)."""
+    data = load_split(data_dir, split, meta)
+    ends = _positions(data, lambda a: a == meta["sep_id"])
+    if not len(ends):  # an evaluation over nothing would report a loss of 0
+        raise UserError(f"{data_dir}: the {split} split holds no documents; re-run prepare.py on more examples")
+    return dict(data=data, starts=np.concatenate(([0], ends[:-1] + 1)), ends=ends, base=meta["vocab_size"],
+                sep_id=meta["sep_id"], name=f"{data_dir}/{split}")
 
 
 def label_subset(n, fraction, seed):
-    """The labelled training examples a classify run draws from: the first ceil(fraction * n) of a permutation
-    of the n seeded by `seed` (all n in order at 1.0). A smaller fraction's subset lies inside a larger one's
-    (same seed), and the subset is a function of its arguments, so resume needs no state."""
+    """The labelled training examples a run draws from: the first ceil(fraction * n) of a permutation of the n
+    seeded by `seed` (all n in order at 1.0). A smaller fraction's subset lies inside a larger one's (same seed),
+    and the subset is a function of its arguments, so resume needs no state."""
     if fraction >= 1.0:
         return np.arange(n)
     k = math.ceil(round(fraction * n, 6))  # (round: 0.1 * 4030 is 403.00000000000006, which is 403 examples)
     return np.random.default_rng((seed, 0x1abe1)).permutation(n)[:k]
-
-
-def train_batch(split, objective, T, rows, n_rows, seed, step):
-    """Rows `rows` (a range of global row numbers) of training step `step`, whose global batch has n_rows."""
-    if objective in T5_OBJECTIVES:  # (T is the split's own, set by fit_splits)
-        return t5_batch(split, objective, rows, n_rows, seed, step)
-    if objective != "clm":
-        return encoder_batch(split, T, objective, rows, seed, step)
-    g = torch.Generator().manual_seed(mix_seed(seed, step))
-    starts = torch.randint(len(split) - T - 1, (n_rows,), generator=g)
-    return windows(split, starts[rows.start:rows.stop].tolist(), T)
-
-
-def eval_batch(split, objective, T, rows, n_rows):
-    """Rows `rows` of the fixed validation set of n_rows rows: for clm, n_rows evenly spaced windows."""
-    if objective in T5_OBJECTIVES:
-        return t5_batch(split, objective, rows, n_rows)
-    if objective != "clm":
-        return encoder_batch(split, T, objective, rows)
-    starts = np.linspace(0, len(split) - T - 1, n_rows).astype(np.int64).tolist()
-    return windows(split, starts[rows.start:rows.stop], T)
-
-
-def windows(data, starts, T):
-    """Next-token rows: data[s:s+T] as inputs, data[s+1:s+T+1] as targets, (B, T) each."""
-    x = np.stack([data[s:s + T] for s in starts]).astype(np.int64)
-    y = np.stack([data[s + 1:s + T + 1] for s in starts]).astype(np.int64)
-    return {"idx": x, "targets": y}
 
 
 def to_device(batch, device):
@@ -203,6 +194,105 @@ def to_device(batch, device):
     if device.type == "cuda":
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
     return {k: v.to(device) for k, v in out.items()}
+
+
+def stack(rows):
+    """Row dicts -> one batch dict of (B, ...) arrays."""
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+# -----------------------------------------------------------------------------
+# an objective: one record, read by train.py (the model it needs, its splits and batches, its metrics),
+# logger.py (its metrics and samples) and the config rules
+
+@dataclass(frozen=True)
+class Objective:
+    head: str                  # the model head it trains (model.HEADS)
+    decoder: bool              # it trains an encoder-decoder (n_dec_layer > 0); the others a model without one
+    extra_tokens: int          # ids it adds after the base vocabulary (specials, sentinels), nowhere in the files
+    corpus: str                # the built-in corpus a run uses when dataset is unset (prepare.py makes it)
+    model: str                 # the preset a run uses when model is unset
+    open: Callable             # (data_dir, "train" | "val", meta) -> the split, indexed once
+    fit: Callable              # (split, T, cfg) -> the split for rows of T tokens, checked (T, and D: the decoder's)
+    batch: Callable            # (split, rows, n_rows, seed=None, step=None) -> {name: (B, ...) array}, see below
+    show: Callable             # (model, device batch, numpy batch, tokenizer, meta) -> the log's sample (one row)
+    metrics: tuple = ("loss",)  # names of metric_sums' (sum, count) pairs, in order
+    metric_sums: Callable = None  # (logits, loss, device batch) -> float64 (2 * len(metrics),); None: the loss's
+    examples: bool = False     # its split is a list of examples: label_fraction may take a share of them
+    bits_per_byte: bool = False  # its loss is a code length of the text (val_bpb is logged)
+
+
+# batch(split, rows, n_rows, seed, step): rows (a range of global row numbers) of training step `step`, whose
+# global batch has n_rows, each row drawn by a generator seeded with (seed, step, row); without seed, rows of the
+# fixed validation set of n_rows rows. The arrays are named like the model's forward() arguments.
+OBJECTIVES = {}
+
+
+def lm_sums(logits, loss, batch):
+    n = (batch["targets"] != -1).sum()
+    return torch.stack([loss.detach().double() * n, n.double()])
+
+
+@torch.no_grad()
+def metric_sums(obj, logits, loss, batch):
+    """(sum, count) of each of obj.metrics over one batch, flattened to a float64 vector: sums add up across
+    micro-batches, evaluation batches and ranks (one all_reduce), and metrics_from_sums() divides at the end."""
+    return (obj.metric_sums or lm_sums)(logits, loss, batch)
+
+
+def metrics_from_sums(obj, sums):
+    """{name: mean} from metric_sums vectors added up; "loss" is the total (for mlm_nsp L_MLM + L_NSP)."""
+    sums = sums.tolist() if torch.is_tensor(sums) else sums  # train.py reads them to the host itself
+    out = {name: sums[2 * i] / max(sums[2 * i + 1], 1) for i, name in enumerate(obj.metrics)}
+    out["loss"] = sum(v for k, v in out.items() if k.endswith("loss"))
+    return out
+
+
+def ce_acc(lg, y):
+    """[summed cross-entropy, count, correct predictions, count] of logits lg over the labels y != -1: masked
+    sums, not lg[y != -1], so shapes stay fixed and nothing syncs."""
+    lg, y = lg.float().flatten(0, -2), y.flatten()
+    n = (y != -1).sum()
+    ce = F.cross_entropy(lg, y, ignore_index=-1, reduction="none")  # 0 where y == -1
+    return [ce.sum(), n, (lg.argmax(-1) == y).sum(), n]  # argmax is never -1
+
+
+# -----------------------------------------------------------------------------
+# clm: next-token windows of the concatenated documents
+
+def windows(data, starts, T):
+    """Next-token rows: data[s:s+T] as inputs, data[s+1:s+T+1] as targets, (B, T) each."""
+    x = np.stack([data[s:s + T] for s in starts]).astype(np.int64)
+    y = np.stack([data[s + 1:s + T + 1] for s in starts]).astype(np.int64)
+    return {"idx": x, "targets": y}
+
+
+def clm_batch(split, rows, n_rows, seed=None, step=None):
+    """Training: n_rows windows at starts drawn with the generator (seed, step); validation: n_rows evenly spaced."""
+    data, T = split["data"], split["T"]
+    if seed is None:
+        starts = np.linspace(0, len(data) - T - 1, n_rows).astype(np.int64).tolist()
+    else:
+        starts = torch.randint(len(data) - T - 1, (n_rows,), generator=torch.Generator().manual_seed(
+            mix_seed(seed, step))).tolist()
+    return windows(data, starts[rows.start:rows.stop], T)
+
+
+SAMPLE_PROMPT, SAMPLE_TOKENS = 32, 64  # the log's samples: the first 32 tokens of a row, continued by 64
+
+
+@torch.no_grad()
+def show_continuation(net, b, batch, tok, meta):
+    """The row's first SAMPLE_PROMPT tokens, continued greedily for SAMPLE_TOKENS."""
+    n = min(SAMPLE_PROMPT, b["idx"].size(1))
+    out = net.generate(b["idx"][:, :n], SAMPLE_TOKENS, temperature=0.0, use_cache=False)[0].tolist()
+    return f"{tok.decode(out[:n])!r} -> {tok.decode(out[n:])!r}"
+
+
+OBJECTIVES["clm"] = Objective(
+    head="lm", decoder=False, extra_tokens=0, corpus="pystdlib", model="tiny",
+    open=lambda data_dir, split, meta: dict(data=load_split(data_dir, split, meta), name=f"{data_dir}/{split}"),
+    fit=lambda split, T, cfg: dict(split, T=T), batch=clm_batch, show=show_continuation, bits_per_byte=True)
 
 # -----------------------------------------------------------------------------
 # the encoder objectives (BERT): special tokens, MLM + NSP pairs, labelled examples
@@ -226,8 +316,8 @@ def special_ids(base_vocab):
 def show(tok, ids, base):
     """Token ids as text, T5's sentinels as <k> and the other specials ([PAD]...) left out."""
     runs = itertools.groupby(ids, lambda i: i < base)
-    return "".join(tok.decode(list(g)) if text else "".join(f"<{i - base - N_SPECIAL}>" for i in g if i >= base + N_SPECIAL)
-                   for text, g in runs)
+    return "".join(tok.decode(list(g)) if text else "".join(f"<{i - base - N_SPECIAL}>" for i in g
+                                                            if i >= base + N_SPECIAL) for text, g in runs)
 
 
 def newline_tokens(meta):
@@ -238,35 +328,9 @@ def newline_tokens(meta):
     return np.array(["\n" in tok.decode([i]) for i in range(meta["vocab_size"])])
 
 
-def _positions(data, pred, chunk=1 << 26):
-    """np.flatnonzero(pred(data)) a chunk at a time, so a large memmap is never expanded whole."""
-    found = [np.flatnonzero(pred(np.asarray(data[i:i + chunk]))) + i for i in range(0, len(data), chunk)]
-    return np.concatenate(found) if found else np.zeros(0, np.int64)
-
-
-def documents(data_dir, split, meta):
-    """One split with its documents indexed once: document d is data[starts[d]:ends[d]] (ends[d] is the
-    position of its separator)."""
-    data = load_split(data_dir, split, meta)
-    ends = _positions(data, lambda a: a == meta["sep_id"])
-    if not len(ends):  # an evaluation over nothing would report a loss of 0
-        raise UserError(f"{data_dir}: the {split} split holds no documents; re-run prepare.py on more examples")
-    return dict(data=data, starts=np.concatenate(([0], ends[:-1] + 1)), ends=ends, base=meta["vocab_size"],
-                sep_id=meta["sep_id"], name=f"{data_dir}/{split}")
-
-
-def encoder_corpus(data_dir, split, meta, objective):
-    """One split, indexed once for the batch builders: documents(), newline positions (for cutting pairs at
-    line boundaries) and, if labelled, the labels."""
+def lines_corpus(data_dir, split, meta):
+    """One split for MLM + NSP: documents() and the newline positions (pairs are cut at line boundaries)."""
     c = documents(data_dir, split, meta)
-    if objective == "classify":
-        if "labels" not in meta:
-            raise UserError(f"{data_dir} has no labels (meta.json 'labels'); objective='classify' needs a labelled "
-                             f"corpus: prepare.py --classify --name=NAME --input=FILE.jsonl")
-        c["labels"] = np.load(Path(data_dir) / f"{split}_labels.npy")
-        if len(c["labels"]) != len(c["ends"]):
-            raise UserError(f"{data_dir}: {len(c['labels'])} {split} labels for {len(c['ends'])} documents; re-run prepare.py")
-        return c
     table = newline_tokens(meta)
     c["nl"] = _positions(c["data"], lambda a: table[a])
     if ((c["ends"] - c["starts"]) >= 2).sum() < 2:
@@ -274,19 +338,10 @@ def encoder_corpus(data_dir, split, meta, objective):
     return c
 
 
-def encoder_batch(c, T, objective, index, seed=None, step=None):
-    """Rows for the global row numbers `index`, as a dict of (B, T) arrays (labels (B,)). Training (seed
-    and step given): each row drawn by a generator seeded with (seed, step, row). Evaluation: row i is
-    the i-th fixed validation pair, or the i-th labelled example (label -1, ignored, past the end)."""
-    rows = []
-    for i in index:
-        if objective == "classify":  # training: one of label_subset's examples (fit_splits), all of them by default
-            pick = c.get("subset", np.arange(len(c["ends"])))
-            rows.append(classify_row(c, T, int(pick[np.random.default_rng((seed, step, i)).integers(len(pick))])
-                                     if seed is not None else i))
-        else:
-            rows.append(mlm_nsp_pair(c, T, np.random.default_rng((seed, step, i) if seed is not None else (i,))))
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+def mlm_nsp_batch(c, rows, n_rows, seed=None, step=None):
+    """Training: pairs drawn per row; validation: row i is the i-th fixed pair (its generator seeded with i)."""
+    return stack([mlm_nsp_pair(c, c["T"], np.random.default_rng((seed, step, i) if seed is not None else (i,)))
+                  for i in rows])
 
 
 def _random_line(c, rng, min_len, avoid=-1):
@@ -346,6 +401,61 @@ def mask_tokens(x, real, rng, base, sep_id):
     return targets
 
 
+def mlm_nsp_sums(logits, loss, batch):  # the MLM logits are at mlm_positions: gather the targets the same way
+    t = batch["targets"]
+    return torch.stack([v.double() for v in ce_acc(logits[0], t.gather(1, mlm_positions(t)))
+                        + ce_acc(logits[1], batch["labels"])])
+
+
+@torch.no_grad()
+def show_mask_fill(net, b, batch, tok, meta):
+    """The pair with each masked token replaced by the prediction, in «», and how many are right."""
+    base = meta["vocab_size"]
+    (mlm, nsp), _ = net(**b)  # mlm (1, K, V) at the K slots of mlm_positions
+    mlm[..., base:] = mlm[..., meta["sep_id"]] = float("-inf")  # text tokens only
+    pos, pred = mlm_positions(b["targets"])[0].tolist(), mlm[0].argmax(-1).tolist()
+    truth, sep = batch["targets"][0], special_ids(base).sep
+    fills = {p: y for p, y in zip(pos, pred) if truth[p] != -1}  # position: predicted id
+    ids = [fills.get(j, i) for j, i in enumerate(batch["idx"][0].tolist())]
+    groups = itertools.groupby(enumerate(ids), lambda ji: "sep" if ji[1] == sep else ji[0] in fills)
+    shown = "".join(" [SEP] " if k == "sep" else ("«{}»" if k else "{}").format(tok.decode([i for _, i in g]))
+                    for k, g in groups)
+    right = "right" if nsp.argmax(-1)[0].item() == batch["labels"][0] else "wrong"
+    return (f"{shown.strip()!r} ({sum(y == truth[p] for p, y in fills.items())}/{len(fills)} masked tokens right, "
+            f"next sentence {right})")
+
+
+OBJECTIVES["mlm_nsp"] = Objective(
+    head="mlm_nsp", decoder=False, extra_tokens=N_SPECIAL, corpus="pystdlib", model="bert-tiny", open=lines_corpus,
+    fit=lambda split, T, cfg: dict(split, T=T), batch=mlm_nsp_batch, show=show_mask_fill,
+    metrics=("mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc"), metric_sums=mlm_nsp_sums)
+
+
+def labelled_corpus(data_dir, split, meta):
+    """One split of a labelled corpus: documents() and their labels."""
+    if "labels" not in meta:
+        raise UserError(f"{data_dir} has no labels (meta.json 'labels'); objective='classify' needs a labelled "
+                        f"corpus: prepare.py --classify --name=NAME --input=FILE.jsonl")
+    c = documents(data_dir, split, meta)
+    c["labels"] = np.load(Path(data_dir) / f"{split}_labels.npy")
+    if len(c["labels"]) != len(c["ends"]):
+        raise UserError(f"{data_dir}: {len(c['labels'])} {split} labels for {len(c['ends'])} documents; "
+                        f"re-run prepare.py")
+    return c
+
+
+def fit_examples(split, T, cfg):
+    """A split of examples for rows of T tokens; training draws only from label_subset (label_fraction)."""
+    return dict(split, T=T, subset=label_subset(len(split["ends"]), cfg["label_fraction"], cfg["seed"]))
+
+
+def classify_batch(c, rows, n_rows, seed=None, step=None):
+    """Training: examples drawn from c["subset"]; validation: example i, label -1 (ignored) past the end."""
+    pick = c["subset"]
+    return stack([classify_row(c, c["T"], int(pick[np.random.default_rng((seed, step, i)).integers(len(pick))])
+                               if seed is not None else i) for i in rows])
+
+
 def classify_row(c, T, i):
     """Example i as [CLS] text [SEP] [PAD]... (text cut to T-2 tokens), with its label; past the last
     example, example i mod n with label -1, so evaluation batches keep their size on every rank."""
@@ -357,31 +467,25 @@ def classify_row(c, T, i):
     x[0], x[1:1 + len(body)], x[1 + len(body)] = sp.cls, body, sp.sep
     return dict(idx=x, token_type_ids=np.zeros(T, np.int64), attn_mask=x != sp.pad, labels=np.int64(label))
 
+
+@torch.no_grad()
+def show_label(net, b, batch, tok, meta):
+    logits, _ = net(**b)  # (1, n_labels)
+    return (f"{tok.decode(batch['idx'][0].tolist())[:80]!r} -> {meta['labels'][logits.argmax().item()]} "
+            f"(true: {meta['labels'][int(batch['labels'][0])]})")
+
+
+OBJECTIVES["classify"] = Objective(
+    head="classify", decoder=False, extra_tokens=N_SPECIAL, corpus="stdlib_modules", model="bert-tiny",
+    open=labelled_corpus, fit=fit_examples, batch=classify_batch, show=show_label, metrics=("loss", "acc"),
+    metric_sums=lambda logits, loss, batch: torch.stack([v.double() for v in ce_acc(logits, batch["labels"])]),
+    examples=True)
+
 # -----------------------------------------------------------------------------
 # the encoder-decoder objectives (T5): span corruption and source/target pairs
 
-T5_OBJECTIVES = ("span", "seq2seq")
 N_SENTINEL = 100  # T5's extra_ids: sentinel k is base vocab_size + N_SPECIAL + k
 NOISE_DENSITY, MEAN_SPAN = 0.15, 3.0  # span corruption: the share of noise tokens, the mean length of a noise span
-
-
-def extra_tokens(objective):
-    """How many ids an objective adds after the base vocabulary: the specials, and for T5 the sentinels."""
-    return 0 if objective == "clm" else N_SPECIAL + N_SENTINEL * (objective in T5_OBJECTIVES)
-
-
-def check_model(objective, n_dec_layer, dec_len):
-    """The objective's needs of the model config, as a UserError: the T5 objectives need a decoder, the
-    others none; dec_len is the decoder's."""
-    t5 = objective in T5_OBJECTIVES
-    if t5 and not n_dec_layer:
-        raise UserError(f"objective={objective!r} needs an encoder-decoder model (n_dec_layer > 0): use model='t5-tiny', "
-                        f"'t5-small' or 't5-base'")
-    if n_dec_layer and not t5:
-        raise UserError(f"an encoder-decoder model (n_dec_layer={n_dec_layer}) trains with objective='span' or 'seq2seq', "
-                        f"not {objective!r}")
-    if dec_len and not t5:
-        raise UserError(f"dec_len={dec_len} is the decoder's length, which objective={objective!r} has not: drop it")
 
 
 def _noise_counts(n):
@@ -443,53 +547,6 @@ def span_uncorrupt(inputs, targets, base):
     return [u for t in inputs[:-1] for u in (spans.get(int(t), []) if is_sentinel(t) else [int(t)])]
 
 
-def t5_corpus(data_dir, split, meta, objective):
-    """One split for the encoder-decoder. span: the tokens, cut into windows anywhere (as clm's, across
-    documents); seq2seq: the documents indexed, example k being documents 2k and 2k + 1."""
-    if objective == "span":
-        return dict(data=load_split(data_dir, split, meta), base=meta["vocab_size"], sep_id=meta["sep_id"],
-                    name=f"{data_dir}/{split}")
-    if not meta.get("seq2seq"):
-        raise UserError(f"{data_dir} is not a seq2seq corpus (meta.json has no 'seq2seq'); make one with: "
-                        f"python prepare.py --seq2seq --name=NAME --input=PAIRS.jsonl")
-    c = documents(data_dir, split, meta)
-    if len(c["ends"]) % 2:
-        raise UserError(f"{c['name']} holds {len(c['ends'])} documents, not (source, target) pairs; re-run prepare.py --seq2seq")
-    return c
-
-
-def t5_fit(c, objective, T, dec_len=0):
-    """A t5_corpus split for rows of T encoder tokens and D decoder tokens (dec_len, or if 0: T5's target
-    length for span, T for seq2seq), checked; span's windows are `raw` tokens long."""
-    raw, need = span_lengths(T) if objective == "span" else (0, 1)
-    if len(c["data"]) < raw:
-        raise UserError(f"{c['name']} has {len(c['data'])} tokens, fewer than the {raw} that span corruption turns "
-                        f"into seq_len={T}: lower seq_len or use more data")
-    D = dec_len or (need if objective == "span" else T)
-    if D < need:
-        raise UserError(f"dec_len={dec_len} is shorter than the {need} target tokens of span corruption at seq_len={T}: "
-                        f"raise it, or 0 to derive it")
-    return dict(c, T=T, D=D, raw=raw)
-
-
-def t5_batch(c, objective, index, n_rows, seed=None, step=None):
-    """Rows for the global row numbers `index`: idx, attn_mask (B, T), dec_idx, targets (B, D). Training (seed
-    and step given): each row drawn by a generator seeded with (seed, step, row). Evaluation: row i is the
-    i-th of n_rows evenly spaced windows, its noise drawn with seed i, or example i (mod their number: a row
-    always has targets, so no batch averages a loss over nothing)."""
-    rows = []
-    for i in index:
-        rng = np.random.default_rng((seed, step, i) if seed is not None else (i,))
-        if objective == "span":
-            last = len(c["data"]) - c["raw"]
-            start = int(rng.integers(last + 1)) if seed is not None else i * last // max(n_rows - 1, 1)
-            rows.append(span_row(c, start, rng))
-        else:
-            n = len(c["ends"]) // 2
-            rows.append(seq2seq_row(c, int(rng.integers(n)) if seed is not None else i % n))
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
 def decoder_rows(y, c):
     """Teacher forcing for a target y (ending in EOS): the decoder reads [PAD] (the start) + y[:-1] and
     predicts y; padded to D with [PAD] and -1 (ignored)."""
@@ -499,16 +556,77 @@ def decoder_rows(y, c):
     return dict(dec_idx=dec, targets=targets)
 
 
-def span_row(c, start, rng):
-    """The window at `start`, span-corrupted: T encoder tokens, no padding."""
-    x = np.asarray(c["data"][start:start + c["raw"]], dtype=np.int64)
-    inputs, targets = span_corrupt(x, noise_mask(len(x), rng), c["base"], c["sep_id"])
-    return dict(idx=inputs, attn_mask=np.ones(c["T"], bool), **decoder_rows(targets, c))
+def fit_span(c, T, cfg):
+    """Windows of `raw` tokens whose corruption is T encoder tokens, and D decoder tokens (dec_len, or if 0:
+    T5's target length)."""
+    raw, need = span_lengths(T)
+    if len(c["data"]) < raw:
+        raise UserError(f"{c['name']} has {len(c['data'])} tokens, fewer than the {raw} that span corruption turns "
+                        f"into seq_len={T}: lower seq_len or use more data")
+    if cfg["dec_len"] and cfg["dec_len"] < need:
+        raise UserError(f"dec_len={cfg['dec_len']} is shorter than the {need} target tokens of span corruption at "
+                        f"seq_len={T}: raise it, or 0 to derive it")
+    return dict(c, T=T, D=cfg["dec_len"] or need, raw=raw)
+
+
+def span_batch(c, rows, n_rows, seed=None, step=None):
+    """Training: a window drawn per row; validation: row i is the i-th of n_rows evenly spaced windows, its noise
+    drawn with seed i. Each: idx, attn_mask (B, T), dec_idx, targets (B, D)."""
+    out, last = [], len(c["data"]) - c["raw"]
+    for i in rows:
+        rng = np.random.default_rng((seed, step, i) if seed is not None else (i,))
+        start = int(rng.integers(last + 1)) if seed is not None else i * last // max(n_rows - 1, 1)
+        x = np.asarray(c["data"][start:start + c["raw"]], dtype=np.int64)
+        inputs, targets = span_corrupt(x, noise_mask(len(x), rng), c["base"], c["sep_id"])
+        out.append(dict(idx=inputs, attn_mask=np.ones(c["T"], bool), **decoder_rows(targets, c)))
+    return stack(out)
+
+
+@torch.no_grad()
+def show_target(net, b, batch, tok, meta):
+    """The decoder's greedy output for the row's source."""
+    base = meta["vocab_size"]
+    out = net.generate(b["idx"], SAMPLE_TOKENS, temperature=0.0, attn_mask=b["attn_mask"],
+                       start_id=special_ids(base).pad, stop_id=meta["sep_id"])[0].tolist()
+    source = show(tok, batch["idx"][0][batch["attn_mask"][0]].tolist(), base)
+    return f"{source[-120:]!r} -> {show(tok, out, base)!r}"
+
+
+OBJECTIVES["span"] = Objective(
+    head="lm", decoder=True, extra_tokens=N_SPECIAL + N_SENTINEL, corpus="pystdlib", model="t5-tiny",
+    open=lambda data_dir, split, meta: dict(data=load_split(data_dir, split, meta), base=meta["vocab_size"],
+                                            sep_id=meta["sep_id"], name=f"{data_dir}/{split}"),
+    fit=fit_span, batch=span_batch, show=show_target)
+
+
+def pairs_corpus(data_dir, split, meta):
+    """One split of a seq2seq corpus: documents(), example k being documents 2k (source) and 2k + 1 (target)."""
+    if not meta.get("seq2seq"):
+        raise UserError(f"{data_dir} is not a seq2seq corpus (meta.json has no 'seq2seq'); make one with: "
+                        f"python prepare.py --seq2seq --name=NAME --input=PAIRS.jsonl")
+    c = documents(data_dir, split, meta)
+    if len(c["ends"]) % 2:
+        raise UserError(f"{c['name']} holds {len(c['ends'])} documents, not (source, target) pairs; "
+                        f"re-run prepare.py --seq2seq")
+    return c
+
+
+def fit_pairs(c, T, cfg):
+    """Sources of T tokens, targets of D = dec_len (0: T)."""
+    return dict(c, T=T, D=cfg["dec_len"] or T)
 
 
 def seq2seq_example(c, k):
     """Example k's (source, target) token arrays."""
     return tuple(c["data"][c["starts"][2 * k + j]:c["ends"][2 * k + j]] for j in (0, 1))
+
+
+def seq2seq_batch(c, rows, n_rows, seed=None, step=None):
+    """Training: an example drawn per row; validation: example i (mod their number: a row always has targets,
+    so no batch averages a loss over nothing)."""
+    n = len(c["ends"]) // 2
+    return stack([seq2seq_row(c, int(np.random.default_rng((seed, step, i)).integers(n)) if seed is not None
+                              else i % n) for i in rows])
 
 
 def seq2seq_row(c, k):
@@ -521,39 +639,12 @@ def seq2seq_row(c, k):
     return dict(idx=x, attn_mask=np.arange(c["T"]) < len(src), **decoder_rows(tgt.astype(np.int64), c))
 
 
+OBJECTIVES["seq2seq"] = Objective(
+    head="lm", decoder=True, extra_tokens=N_SPECIAL + N_SENTINEL, corpus="stdlib_params", model="t5-tiny",
+    open=pairs_corpus, fit=fit_pairs, batch=seq2seq_batch, show=show_target)
+
 # -----------------------------------------------------------------------------
-# metrics per head, and fitting a pretrained encoder to another head (fine-tuning)
-
-METRICS = {"lm": ("loss",), "mlm_nsp": ("mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc"), "classify": ("loss", "acc")}
-
-
-@torch.no_grad()
-def metric_sums(head, logits, loss, batch):
-    """(sum, count) of each METRICS[head] entry over one batch, flattened to a float64 vector: sums add up
-    across micro-batches, evaluation batches and ranks (one all_reduce), and metrics_from_sums() divides at the end."""
-    if head == "lm":
-        n = (batch["targets"] != -1).sum()
-        return torch.stack([loss.detach().double() * n, n.double()])
-    def ce_acc(lg, y):  # summed cross-entropy, correct predictions and count over the labels != -1
-        lg, y = lg.float().flatten(0, -2), y.flatten()  # masked sums, not lg[y != -1]: fixed shapes, no sync
-        n = (y != -1).sum()
-        ce = F.cross_entropy(lg, y, ignore_index=-1, reduction="none")  # 0 where y == -1
-        return [ce.sum(), n, (lg.argmax(-1) == y).sum(), n]  # argmax is never -1
-    if head == "classify":
-        parts = ce_acc(logits, batch["labels"])
-    else:  # the MLM logits are at mlm_positions: gather the targets the same way
-        t = batch["targets"]
-        parts = ce_acc(logits[0], t.gather(1, mlm_positions(t))) + ce_acc(logits[1], batch["labels"])
-    return torch.stack([v.double() for v in parts])
-
-
-def metrics_from_sums(head, sums):
-    """{name: mean} from metric_sums vectors added up; "loss" is the total (for mlm_nsp L_MLM + L_NSP)."""
-    sums = sums.tolist() if torch.is_tensor(sums) else sums  # train.py reads them to the host itself
-    out = {name: sums[2 * i] / max(sums[2 * i + 1], 1) for i, name in enumerate(METRICS[head])}
-    out["loss"] = sum(v for k, v in out.items() if k.endswith("loss"))
-    return out
-
+# fine-tuning a pretrained encoder onto another head
 
 def adapt_heads(state, model, seed=0):
     """A checkpoint's state dict made to fit `model` when only the heads differ (an MLM+NSP encoder

@@ -303,7 +303,7 @@ def import_state(folder, arch, cfg, shard=None):
     names, get = open_weights(folder)
     prefix = "bert." if any(n.startswith("bert.") for n in names) else ""  # BertModel files have no prefix
     with torch.device("meta"):
-        skeleton = M.Transformer(cfg)
+        skeleton = M.from_config(cfg)
     rows = {k: v.shape[0] for k, v in skeleton.state_dict().items()}
     state, used = {}, set()
     for ours, theirs in groups(cfg, arch, prefix):
@@ -333,11 +333,8 @@ def import_state(folder, arch, cfg, shard=None):
     return state
 
 
-def load_checkpoint(source, corpus_meta=None, shard=None):
-    """init_from='hf:SOURCE' as a checkpoint dict like a fine-tune's: model, model_args, meta. Hugging Face
-    folders carry their own tokenizer, anvil's corpora a tiktoken or bytes one: GPT-2's 50257-token
-    vocabulary must pair with a corpus prepared with --tokenizer=gpt2; any other model is trusted with the
-    corpus's tokenizer, as long as its vocabulary covers the corpus (train.py checks the ids)."""
+def read_config(source):
+    """(folder, architecture, ModelConfig) of init_from='hf:SOURCE' (a hub name is downloaded first)."""
     folder = resolve_folder(os.path.expanduser(source))
     try:
         with open(os.path.join(folder, "config.json")) as f:
@@ -345,9 +342,17 @@ def load_checkpoint(source, corpus_meta=None, shard=None):
     except (OSError, ValueError) as e:
         raise UserError(f"{folder}/config.json cannot be read: {type(e).__name__}: {e}") from None
     try:
-        arch, cfg = from_hf_config(c)
+        return (folder, *from_hf_config(c))
     except KeyError as e:
         raise UserError(f"{folder}/config.json lacks the field {e.args[0]!r}") from None
+
+
+def load_checkpoint(source, corpus_meta=None, shard=None):
+    """init_from='hf:SOURCE' as a checkpoint dict like a fine-tune's: model, model_args, meta. Hugging Face
+    folders carry their own tokenizer, anvil's corpora a tiktoken or bytes one: GPT-2's 50257-token
+    vocabulary must pair with a corpus prepared with --tokenizer=gpt2; any other model is trusted with the
+    corpus's tokenizer, as long as its vocabulary covers the corpus (train.py checks the ids)."""
+    folder, arch, cfg = read_config(source)
     gpt2 = arch == "GPT2LMHeadModel" and cfg.vocab_size == 50257
     if gpt2 and corpus_meta is not None and corpus_meta["tokenizer"] != "gpt2":
         raise UserError(f"hf:{source} is a GPT-2 model with GPT-2's tokenizer, the dataset uses "
@@ -436,8 +441,8 @@ def write_json(path, obj):
 def gpt2_vocab_merges():
     """GPT-2's vocab.json and merges.txt contents, rebuilt offline from tiktoken's gpt2 encoding: each token's
     merge is the last step of byte-pair encoding its bytes with the merges ranked below it."""
-    import prepare
-    prepare.get_tokenizer("gpt2")  # a UserError when tiktoken or its files are missing
+    from tokenizer import get_tokenizer
+    get_tokenizer("gpt2")  # a UserError when tiktoken or its files are missing
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
     ranks = enc._mergeable_ranks  # bytes -> id: tiktoken's one table (no public accessor)

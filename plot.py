@@ -4,7 +4,7 @@ against wall time, validation bits per byte, learning rate, tokens/s and MFU, an
 classifier runs. Runs are overlaid, each labelled with its folder name and the config keys on which the runs
 differ (from each log's first record, the provenance: logger.py describes the records).
 
-    python plot.py out                                  # -> plot.png
+    python plot.py out                                  # -> out/plot.png
     python plot.py out-a out-b/log.jsonl --out=compare.png
 
 A run still in progress is fine, and so is a line cut short by a killed run. Needs matplotlib (pip install matplotlib).
@@ -105,9 +105,11 @@ def pyplot():
     return plt
 
 
-def plot(paths, out="plot.png"):
-    """Draw the runs (folders or log.jsonl files) into one PNG at `out`; returns the matplotlib figure."""
+def plot(paths, out=None):
+    """Draw the runs (folders or log.jsonl files) into one PNG at `out` (None: plot.png in the first run's folder);
+    returns the matplotlib figure."""
     runs = [load(p) for p in paths]
+    dots = lambda xs: {"marker": "o", "ms": 3} if len(xs) < 3 else {}  # a line of one or two points: show them
     plt = pyplot()
     has = lambda key: any(key in r for _, _, train, val in runs for r in [*train.values(), *val.values()])
     panels = ["loss", "loss_time"] + ["bpb"] * has("val_bpb") + ["lr", "tok_s", "mfu"] + ["acc"] * any(map(has, ACCURACIES))
@@ -125,18 +127,18 @@ def plot(paths, out="plot.png"):
                 x = "step" if panel == "loss" else "minutes"
                 xs, ys = series(train, "loss", x)
                 ax.plot(xs, ys, color=c, alpha=0.2, lw=0.8)
-                ax.plot(xs, smooth(ys), color=c, lw=1.5, label=label)
+                ax.plot(xs, smooth(ys), color=c, lw=1.5, label=label, **dots(xs))
                 ax.plot(*series(val, "val_loss", x), "o--", color=c, ms=3, lw=0.8)
             elif panel == "bpb":
                 ax.plot(*series(val, "val_bpb"), "o-", color=c, ms=3, lw=1.2)
             elif panel == "acc":
                 for key, style in [(k, s) for k, s in ACCURACIES.items() if has(k)]:
                     xs, ys = series(train, key)
-                    ax.plot(xs, smooth(ys), style, color=c, lw=1.5)
+                    ax.plot(xs, smooth(ys), style, color=c, lw=1.5, **dots(xs))
                     ax.plot(*series(val, f"val_{key}"), "o", ls=style, color=c, ms=3, lw=0.8)
             else:
                 xs, ys = series(train, panel)
-                ax.plot(xs, [y * 100 for y in ys] if panel == "mfu" else ys, color=c, lw=1.2)
+                ax.plot(xs, [y * 100 for y in ys] if panel == "mfu" else ys, color=c, lw=1.2, **dots(xs))
     titles = {"loss": "loss (nats/token): training (smoothed), validation (dots)", "loss_time": "loss against wall time",
               "bpb": "validation bits per byte", "lr": "learning rate", "tok_s": "tokens/s", "mfu": "MFU (%)",
               "acc": "accuracy: training, validation (dots)"}
@@ -152,7 +154,7 @@ def plot(paths, out="plot.png"):
         if panel == "acc":  # which line is which metric
             ax.legend(handles=[plt.Line2D([], [], color="k", ls=s, label=k) for k, s in ACCURACIES.items() if has(k)], fontsize=8)
     fig.tight_layout(rect=(0, legend / fig.get_figheight(), 1, 1))
-    fig.savefig(out)
+    fig.savefig(out or os.path.join(runs[0][0], "plot.png"))
     return fig
 
 
@@ -160,14 +162,15 @@ def main(argv):
     """The command line; a user error is one line on stderr and exit status 2."""
     parser = argparse.ArgumentParser(description="Draw runs' log.jsonl into one PNG.")
     parser.add_argument("runs", nargs="+", help="run folders (out_dir) or their log.jsonl files")
-    parser.add_argument("--out", default="plot.png", help="the PNG to write (default plot.png)")
-    parser.error = lambda msg: sys.exit(f"plot.py: error: {msg}")  # one line, not usage + error
+    parser.add_argument("--out", default=None, help="the PNG to write (default: plot.png in the first run's folder)")
+    parser.error = lambda msg: sys.exit(print(f"plot.py: error: {msg}", file=sys.stderr) or 2)  # one line
     args = parser.parse_args(argv)
     try:
-        plot(args.runs, args.out)
+        out = args.out or os.path.join(load(args.runs[0])[0], "plot.png")
+        plot(args.runs, out)
     except (UserError, OSError) as e:
         return print(f"plot.py: error: {e}", file=sys.stderr) or 2
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -28,6 +28,7 @@ torch's threads); documents are written in input order, so the files do not depe
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -37,149 +38,20 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from common import UserError, atomic_write, need, read_jsonl
+from common import UserError, atomic_write, read_jsonl
 from readers import check_packages, expand_inputs, hf_documents, iter_documents, open_hf_dataset
+from tokenizer import dtype_for_vocab, get_tokenizer, get_tokenizer_from_meta  # noqa: F401 (prepare.get_tokenizer*)
 
 VAL_EVERY = 20  # the built-in corpora: document i goes to validation when i % VAL_EVERY == 0; fixed, never change
 VAL_FRACTION = 1 / VAL_EVERY  # the default for other corpora: the same rule
 PYSTDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
-# a tokenizer.json's separator when no tokenizer_config.json beside it names its eos_token: the first of these it has
-SEP_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
 CHUNK_CHARS = 1 << 20  # documents are tokenized in chunks of about this much text, a few chunks ahead of the writer
 REPORT_AFTER = 5  # seconds to the first progress line; then 5 to 60 s apart, so a long run's log stays short
-
-# -----------------------------------------------------------------------------
-# tokenizers
-
-def get_tokenizer(name):
-    """A tokenizer: .name, .encode(str) -> list[int], .decode(list[int]) -> str, .vocab_size, .sep_id, and
-    .encode_batch(list[str]) -> [uint32 array], the bulk path of prepare()'s workers."""
-    if name == "bytes":
-        return SimpleNamespace(
-            name="bytes", vocab_size=257, sep_id=256,
-            encode=lambda s: list(s.encode("utf-8", errors="replace")),
-            encode_batch=lambda texts: [np.frombuffer(s.encode("utf-8", errors="replace"), np.uint8) for s in texts],
-            # ids > 255 (the separator, or padding ids a model may sample) are not text
-            decode=lambda ids: bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace"))
-    if name.endswith(".json") and os.path.isfile(name):
-        return hf_tokenizer(name)
-    try:
-        import tiktoken  # imported only here, so the bytes tokenizer works without it
-    except ImportError:
-        raise UserError(f"tokenizer {name!r} needs tiktoken (pip install tiktoken); "
-                           "--tokenizer=bytes needs nothing") from None
-    if os.path.isfile(name):  # a tiktoken-format BPE file (LLaMA-3's tokenizer.model is one)
-        enc, name = bpe_file_encoding(tiktoken, name), os.path.abspath(name)
-    elif name not in tiktoken.list_encoding_names():
-        valid = ", ".join(["bytes"] + tiktoken.list_encoding_names())
-        raise UserError(f"unknown tokenizer {name!r}; valid names: {valid}, or the path of a tiktoken-format BPE file "
-                        f"or of a Hugging Face tokenizer.json")
-    else:
-        enc = None
-    try:
-        enc = enc or tiktoken.get_encoding(name)
-    except Exception as e:  # no network, a proxy, a corrupt download: all look alike to the user
-        cause = f"{type(e).__name__}: {str(e)}".splitlines()[0]
-        cause = cause if len(cause) < 100 else cause[:99] + "…"
-        raise UserError(
-            f"tiktoken encoding {name!r} could not be loaded: tiktoken could not download its "
-            f"files ({cause}). Fix: set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached "
-            f"files (or run once with internet access to fill the cache), or use "
-            f"--tokenizer=bytes, which works offline.") from None
-
-    def decode(ids):
-        ids = [i for i in ids if 0 <= i < enc.n_vocab]
-        try:
-            return enc.decode(ids, errors="replace")
-        except KeyError:  # some encodings have holes below n_vocab; drop just those ids
-            ok = []
-            for i in ids:
-                try:
-                    enc.decode_single_token_bytes(i)
-                    ok.append(i)
-                except KeyError:
-                    pass
-            return enc.decode(ok, errors="replace")
-
-    # encode_ordinary: text that happens to contain "<|endoftext|>" stays plain text. In bulk, the same ids
-    # as a buffer (encode with no special token allowed is encode_ordinary): no Python int per token, which
-    # would hold the GIL
-    core, buffer = enc._core_bpe, hasattr(enc._core_bpe, "encode_to_tiktoken_buffer")
-
-    def as_array(text):
-        if buffer:
-            try:
-                return np.frombuffer(core.encode_to_tiktoken_buffer(text, set()), np.uint32)
-            except UnicodeEncodeError:  # lone surrogates: encode_ordinary has the fallback
-                pass
-        return np.array(enc.encode_ordinary(text), np.uint32)
-
-    return SimpleNamespace(name=name, vocab_size=enc.n_vocab, sep_id=enc.eot_token, encode=enc.encode_ordinary,
-                           decode=decode, encode_batch=lambda texts: [as_array(t) for t in texts])
-
-
-# LLaMA-3's pre-tokenizer split (cl100k_base's, written without possessive quantifiers)
-BPE_FILE_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-
-
-def bpe_file_encoding(tiktoken, path):
-    """A tiktoken Encoding from a BPE file of 'base64-token rank' lines, split by BPE_FILE_PATTERN; the
-    document separator is the id after the last rank, so vocab_size = ranks + 1."""
-    from tiktoken.load import load_tiktoken_bpe
-    try:
-        ranks = load_tiktoken_bpe(path)
-    except Exception as e:
-        raise UserError(f"tokenizer file {path!r} is not a tiktoken BPE file ({type(e).__name__}: {str(e)[:80]}); "
-                        f"its lines must be 'base64-token rank'") from None
-    return tiktoken.Encoding(os.path.basename(path), pat_str=BPE_FILE_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": max(ranks.values()) + 1})
-
-
-def hf_tokenizer(path):
-    """A Hugging Face tokenizer.json, through the optional tokenizers package: vocab_size is its largest id + 1
-    (added tokens included); the separator is the eos_token of the tokenizer_config.json beside it, else
-    the first of SEP_NAMES it has. No BOS or other special token is added to a document."""
-    tokenizers = need("tokenizers", "tokenizers", f"--tokenizer={path}")
-    try:
-        tok = tokenizers.Tokenizer.from_file(path)
-    except Exception as e:  # a JSON that is not a tokenizer: the library's message, on one line
-        raise UserError(f"tokenizer file {path!r} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:100]})") from None
-    vocab, names = tok.get_vocab(with_added_tokens=True), list(SEP_NAMES)
-    config = Path(path).with_name("tokenizer_config.json")
-    if config.is_file():
-        eos = json.loads(config.read_text()).get("eos_token")
-        names.insert(0, eos.get("content") if isinstance(eos, dict) else eos)
-    sep = next((vocab[n] for n in names if n in vocab), None)
-    if sep is None:
-        raise UserError(f"tokenizer file {path!r} has no end-of-document token: put a tokenizer_config.json with "
-                        f"its eos_token beside it, or give it one of {', '.join(SEP_NAMES)}")
-    n, batch = max(vocab.values()) + 1, getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast: no offsets
-    return SimpleNamespace(
-        name=os.path.abspath(path), vocab_size=n, sep_id=sep,
-        encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
-        # encode_batch spreads the texts over tokenizers' own threads (one per worker process: start_worker)
-        encode_batch=lambda texts: [np.array(e.ids, np.uint32) for e in batch(texts, add_special_tokens=False)],
-        decode=lambda ids: tok.decode([i for i in ids if 0 <= i < n], skip_special_tokens=False))
-
-
-def dtype_for_vocab(vocab_size):
-    return np.uint16 if vocab_size <= 65536 else np.uint32
-
-def get_tokenizer_from_meta(meta):
-    """The tokenizer a corpus was built with, from its meta.json dict."""
-    tok = get_tokenizer(meta["tokenizer"])
-    if (tok.vocab_size, tok.sep_id) != (meta["vocab_size"], meta["sep_id"]):
-        raise UserError(f"tokenizer {tok.name!r} now has vocab_size={tok.vocab_size} "
-                           f"sep_id={tok.sep_id}, but the corpus recorded "
-                           f"{meta['vocab_size']} and {meta['sep_id']}; re-run prepare.py")
-    return tok
-
 
 # -----------------------------------------------------------------------------
 # the documents: readers.py reads them; here, which ones, and which split each goes to
@@ -197,7 +69,7 @@ def open_inputs(inputs, hf_dataset, hf_config, hf_split, text_field):
     and then the streamed dataset; a total is None when unknown. What can fail before reading fails here."""
     files = expand_inputs(inputs) if inputs else []
     check_packages(files)
-    docs, described = iter_documents(files, text_field), [os.path.abspath(i) for i in inputs or []]
+    docs, described = iter_documents(files, text_field), [os.path.abspath(os.path.expanduser(i)) for i in inputs or []]
     total_bytes, total_docs = sum(os.path.getsize(f) for f in files), None
     if hf_dataset:
         ds = open_hf_dataset(hf_dataset, hf_config, hf_split)
@@ -206,6 +78,18 @@ def open_inputs(inputs, hf_dataset, hf_config, hf_split, text_field):
         splits = ds.info.splits or {}  # known for hub datasets that publish their sizes
         total_bytes, total_docs = None, splits[hf_split].num_examples if hf_split in splits and not files else None
     return docs, described, total_bytes, total_docs
+
+
+def split_inside(docs, val_fraction):
+    """(documents, whether they are split inside): with fewer than 1/val_fraction of them (one text file, say), each
+    is cut in two, at the line boundary before 1 - val_fraction of its text: its head goes to train, its tail to
+    val (nanoGPT's split of its one file). Otherwise the documents as they come (split_rule splits them)."""
+    first = list(islice(docs, math.ceil(1 / val_fraction)))
+    if len(first) >= 1 / val_fraction:
+        return chain(first, docs), False
+    cuts = [(text, text.rfind("\n", 0, round(len(text) * (1 - val_fraction))) + 1
+             or round(len(text) * (1 - val_fraction)), nbytes) for text, nbytes in first]
+    return [part for text, cut, nbytes in cuts for part in ((text[:cut], nbytes), (text[cut:], 0))], True
 
 
 def split_rule(val_fraction, val_docs=None):
@@ -320,9 +204,9 @@ def read_old_meta(folder, tokenizer, val_fraction, val_docs):
     if not path.is_file():
         raise UserError(f"--append: {path} not found, so there is no corpus to add to; drop --append to make one")
     meta = json.loads(path.read_text())
-    if "labels" in meta or "val_fraction" not in meta:
-        raise UserError(f"--append: {folder} is labelled, or older than --append (no val_fraction in its meta.json): "
-                        f"it cannot be appended to; make it again from all the inputs")
+    if "labels" in meta or "val_fraction" not in meta or meta.get("split_inside"):
+        raise UserError(f"--append: {folder} is labelled, split inside its few documents, or older than --append (no "
+                        f"val_fraction in its meta.json): it cannot be appended to; make it again from all the inputs")
     for key, option, value in (("tokenizer", "tokenizer", tokenizer), ("val_fraction", "val_fraction", val_fraction),
                                ("val_docs_limit", "val_docs", val_docs)):
         if value is not None and value != meta[key]:
@@ -385,10 +269,8 @@ def prepare(name="pystdlib", inputs=None, tokenizer=None, out_dir="data", worker
     Hugging Face dataset, or with append=True add them to it as one prepare over all the inputs would
     have. tokenizer None: "bytes", or when appending the corpus's. Returns the folder."""
     t0, folder = time.time(), Path(out_dir) / name
-    if name == CLASSIFY_DEMO and not inputs:
-        return prepare_classify(name, None, tokenizer or "bytes", out_dir, quiet)
-    if name == SEQ2SEQ_DEMO and not inputs:
-        return prepare_seq2seq(name, None, tokenizer or "bytes", out_dir, quiet)
+    if name in BUILTIN and name != "pystdlib" and not inputs:
+        return BUILTIN[name](name, None, tokenizer or "bytes", out_dir, quiet)
     if name == "pystdlib":
         if inputs or hf_dataset or append or val_fraction or val_docs:
             raise UserError("'pystdlib' is the built-in corpus with its fixed split; give your inputs another --name")
@@ -399,7 +281,7 @@ def prepare(name="pystdlib", inputs=None, tokenizer=None, out_dir="data", worker
         docs, described, total, total_docs = open_inputs(inputs, hf_dataset, hf_config, hf_split, text_field)
         source = None  # the inputs, those of earlier --append runs included
     else:
-        raise UserError(f"no corpus {name!r}: the only built-in corpus is 'pystdlib'; "
+        raise UserError(f"no corpus {name!r}: the built-in ones are {', '.join(BUILTIN)}; "
                         f"build {name!r} with: python prepare.py --name={name} --input=PATH ...")
     old = read_old_meta(folder, tokenizer and get_tokenizer(tokenizer).name, val_fraction, val_docs) if append else None
     tok = get_tokenizer(old["tokenizer"] if old else tokenizer or "bytes")  # fails early (e.g. tiktoken offline)
@@ -410,31 +292,19 @@ def prepare(name="pystdlib", inputs=None, tokenizer=None, out_dir="data", worker
         workers = 1 if tok.name == "bytes" else min(os.cpu_count() or 1, 8)
     folder.mkdir(parents=True, exist_ok=True)
     counts = {f"{s}_{k}": old.get(f"{s}_{k}", 0) if old else 0 for k in ("tokens", "docs", "max_id", "bytes") for s in ("train", "val")}
-    counts = write_splits(folder, tokenized(docs, tok, workers), split_rule(val_fraction, val_docs), counts, dtype,
-                          append=bool(old), progress=None if quiet else (t0, total, total_docs))
+    docs, inside = split_inside(docs, val_fraction) if not old else (docs, False)
+    rule = (lambda i, n_val: i % 2 == 1) if inside else split_rule(val_fraction, val_docs)
+    counts = write_splits(folder, tokenized(docs, tok, workers), rule, counts, dtype, append=bool(old),
+                          progress=None if quiet else (t0, total, total_docs))
     if old and "train_bytes" not in old:  # an older corpus: data.max_ids counts its bytes once, when first read
         counts = {k: v for k, v in counts.items() if not k.endswith("_bytes")}
     write_meta(folder, tok, counts, source=source or ", ".join(described), inputs=described,
-               val_fraction=val_fraction, val_docs_limit=val_docs)
+               val_fraction=val_fraction, val_docs_limit=val_docs, **({"split_inside": True} if inside else {}))
     if not quiet:
         print(f"wrote {folder}: train {counts['train_docs']:,} docs {counts['train_tokens']:,} tokens, "
               f"val {counts['val_docs']:,} docs {counts['val_tokens']:,} tokens ({tok.name}, {np.dtype(dtype).name}) "
               f"in {time.time() - t0:.1f}s")
     return str(folder)
-
-
-def text_bytes(path, dtype, tok, chunk=1 << 24):
-    """The UTF-8 bytes of the documents in a split file (the denominator of bits per byte), decoded a chunk at
-    a time; a chunk ends after a separator, so no character is cut (unless one document is longer than a chunk)."""
-    ids, n, i = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else [], 0, 0
-    while i < len(ids):
-        part = np.asarray(ids[i:i + chunk])
-        ends = np.flatnonzero(part == tok.sep_id)
-        part = part[:ends[-1] + 1] if len(ends) and i + chunk < len(ids) else part
-        text = part[part != tok.sep_id]
-        n += len(text) if tok.name == "bytes" else len(tok.decode(text.tolist()).encode("utf-8"))  # bytes: one per id
-        i += len(part)
-    return n
 
 # -----------------------------------------------------------------------------
 # labelled corpora, for classification fine-tuning (the batches: data.py)
@@ -556,6 +426,9 @@ def prepare_seq2seq(name=SEQ2SEQ_DEMO, inputs=None, tokenizer="bytes", out_dir="
         print(f"wrote {folder}: {meta['train_docs'] // 2} train / {meta['val_docs'] // 2} val source/target pairs")
     return str(folder)
 
+BUILTIN = {"pystdlib": prepare, CLASSIFY_DEMO: prepare_classify, SEQ2SEQ_DEMO: prepare_seq2seq}  # made on first use
+
+
 # -----------------------------------------------------------------------------
 
 def check_args(args):
@@ -602,7 +475,7 @@ if __name__ == "__main__":
     parser.add_argument("--hf_split", default="train")
     parser.add_argument("--tokenizer", default=None, help="bytes (the default), a tiktoken encoding (gpt2, cl100k_base, "
                         "...), the path of a tiktoken-format BPE file such as LLaMA-3's tokenizer.model, or of a Hugging "
-                        "Face tokenizer.json; with --append, the corpus's")
+                        "Face tokenizer.json; --append uses the corpus's own")
     parser.add_argument("--val_fraction", type=float, default=None,
                         help="share of the documents for validation, evenly spaced (default 0.05: every 20th)")
     parser.add_argument("--val_docs", type=int, default=None, help="at most this many validation documents")
@@ -612,7 +485,7 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=None,
                         help="tokenizer processes (default: min(cpu count, 8), or 1 for the bytes tokenizer)")
     parser.add_argument("--quiet", action="store_true")
-    parser.error = lambda msg: sys.exit(f"prepare.py: error: {msg}")  # one line, not usage + error
+    parser.error = lambda msg: sys.exit(print(f"prepare.py: error: {msg}", file=sys.stderr) or 2)  # one line
     args = parser.parse_args()
     try:
         check_args(args)
@@ -625,6 +498,6 @@ if __name__ == "__main__":
                     text_field=args.text_field, hf_dataset=args.hf_dataset, hf_config=args.hf_config,
                     hf_split=args.hf_split, val_fraction=args.val_fraction, val_docs=args.val_docs, append=args.append)
     except (UserError, OSError) as e:
-        sys.exit(f"prepare.py: error: {e}")
+        sys.exit(print(f"prepare.py: error: {e}", file=sys.stderr) or 2)
     except KeyboardInterrupt:  # write_splits removed its partial files (an --append cut them back): nothing lost
         sys.exit("prepare.py: interrupted; no partial token file is left (an --append leaves the corpus as it was); rerun to finish")

@@ -28,9 +28,10 @@ RECORD_EXTS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")  # a document pe
 
 
 def expand_inputs(inputs):
-    """Files, directories (walked for TEXT_EXTS and RECORD_EXTS files) and globs -> sorted list of file paths."""
-    files, exts = set(), tuple(TEXT_EXTS) + RECORD_EXTS
-    for inp in inputs:
+    """Files, directories (walked for TEXT_EXTS and RECORD_EXTS files) and globs -> file paths, in the order the
+    inputs are given (a directory's files and a glob's matches sorted by path), each once; ~ is expanded."""
+    files, exts = {}, tuple(TEXT_EXTS) + RECORD_EXTS
+    for inp in map(os.path.expanduser, inputs):
         matches = [inp] if os.path.exists(inp) else sorted(glob.glob(inp, recursive=True))
         if not matches:
             raise UserError(f"input {inp!r} matches no file or directory")
@@ -41,10 +42,10 @@ def expand_inputs(inputs):
                 if not found:
                     raise UserError(f"input directory {inp!r} holds no text files "
                                     f"({' '.join(sorted(TEXT_EXTS) + list(RECORD_EXTS[1:]))})")
-                files.update(str(p.resolve()) for p in found)
+                files.update(dict.fromkeys(sorted((str(p.resolve()) for p in found), key=lambda f: Path(f).as_posix())))
             else:
-                files.add(str(Path(m).resolve()))
-    return sorted(files, key=lambda f: Path(f).as_posix())
+                files.setdefault(str(Path(m).resolve()))
+    return list(files)
 
 
 def check_packages(files):

@@ -30,8 +30,8 @@ import torch
 import checkpoint
 import data
 import model as M
-import prepare
 from common import UserError, at_least, device_rule, nonempty, one_of, parse_config, resolve_device, rule, usage
+from tokenizer import get_tokenizer_from_meta
 
 # arguments (--key=value): each annotated with its type and constraint, checked before any file is read
 ckpt: Annotated[str, nonempty] = "out"               # a checkpoint (.pt or sharded .dcp), or a run's out_dir: its newest
@@ -56,7 +56,7 @@ def load_model(path, device="cpu"):
     and the checkpoint itself (its meta names the tokenizer)."""
     ckpt = checkpoint.load_checkpoint(path)
     with torch.device("meta"):  # no random init of weights about to be overwritten
-        net = M.Transformer(M.ModelConfig(**ckpt["model_args"]))
+        net = M.from_config(M.ModelConfig(**ckpt["model_args"]))
     net.to_empty(device=device)
     net.init_buffers()  # the tied head and RoPE tables, which to_empty() does not keep
     checkpoint.restore(ckpt, net)
@@ -107,8 +107,8 @@ def evaluate_exact_match(net, ckpt, split, batch_size=64):
     cfg = ckpt["config"]
     data_dir, T = os.path.join(cfg["data_root"], cfg["dataset"]), cfg["seq_len"] or net.cfg.block_size
     meta = data.load_meta(data_dir)
-    tok = prepare.get_tokenizer_from_meta(meta)
-    c = {s: data.t5_fit(data.t5_corpus(data_dir, s, meta, "seq2seq"), "seq2seq", T, cfg["dec_len"]) for s in ("train", split)}
+    tok, obj = get_tokenizer_from_meta(meta), data.OBJECTIVES["seq2seq"]
+    c = {s: obj.fit(obj.open(data_dir, s, meta), T, cfg) for s in ("train", split)}
     examples = [data.seq2seq_example(c[split], k) for k in range(len(c[split]["ends"]) // 2)]
     preds = [p for i in range(0, len(examples), batch_size)
              for p in generate_targets(net, meta, [s for s, _ in examples[i:i + batch_size]], T, c[split]["D"], temperature=0.0)]
@@ -137,7 +137,7 @@ def read_arg(args, key):
 def main(argv):
     """The command line; a user error is one line on stderr and exit status 2."""
     if {"-h", "--help"} & set(argv):
-        return print(usage(__doc__, DEFAULTS, RULES)) or 0
+        return print(usage(__doc__, DEFAULTS, RULES, __file__)) or 0
     try:
         sample(parse_config(argv, DEFAULTS, RULES, "sample.py"))
     except UserError as e:
@@ -162,7 +162,7 @@ def sample(args):
         import hf  # optional dependencies (safetensors) only on this path
         hf.export(net, ckpt, args["export_hf"])
         return
-    tok = prepare.get_tokenizer_from_meta(ckpt["meta"])
+    tok = get_tokenizer_from_meta(ckpt["meta"])
     enc_dec = net.cfg.n_dec_layer > 0
     temperature = args["temperature"] if args["temperature"] is not None else 0.0 if enc_dec else 0.8
     if (source is not None or args["exact_match"]) and not enc_dec:
