@@ -54,10 +54,12 @@ from common import (UserError, at_least, check_value, destroy_distributed, flops
 
 OPTIONS = dict(steps=10, warmup=3, synthetic=False, compare=None, json=None, profile=None, peak_tflops=None,
                estimate=None, gpus=1, prepare=None)
-KV = rule("key=value[+key=value...],...", lambda v: all("=" in kv for item in v.split(",") for kv in item.split("+")), ["n_layer"])
-RULES = dict(steps=Annotated[int, at_least(1)], warmup=Annotated[int, at_least(0)], synthetic=bool, compare=Annotated[str, KV],
-             json=Annotated[str, nonempty], profile=Annotated[str, nonempty], peak_tflops=Annotated[float, at_least(1e-6)],
-             estimate=Annotated[str, one_of(*M.PRESETS)], gpus=Annotated[int, at_least(1)], prepare=Annotated[int, at_least(1)])
+KV = rule("key=value[+key=value...],...", lambda v: all("=" in kv for item in v.split(",") for kv in item.split("+")),
+          ["n_layer"])
+RULES = dict(steps=Annotated[int, at_least(1)], warmup=Annotated[int, at_least(0)], synthetic=bool,
+             compare=Annotated[str, KV], json=Annotated[str, nonempty], profile=Annotated[str, nonempty],
+             peak_tflops=Annotated[float, at_least(1e-6)], estimate=Annotated[str, one_of(*M.PRESETS)],
+             gpus=Annotated[int, at_least(1)], prepare=Annotated[int, at_least(1)])
 FLAGS = ("synthetic", "json", "profile", "estimate", "prepare")  # may stand alone
 STRINGS = ("compare", "json", "profile", "estimate")  # taken verbatim; the others via ast.literal_eval
 PEAKS = {}  # (device, dtype, threads) -> (peak FLOP/s, where it comes from)
@@ -104,7 +106,7 @@ def recipes():
 # memory estimate: arithmetic only, per GPU (per process), in bytes
 
 def count_params(mcfg):
-    """(all parameters, one block's, one decoder block's or 0) counted exactly on the meta device: nothing is allocated."""
+    """(all parameters, one block's, one decoder block's or 0), counted on the meta device: nothing is allocated."""
     with torch.device("meta"):
         m = M.from_config(mcfg)
     dec = sum(p.numel() for p in m.dec_blocks[0].parameters()) if mcfg.n_dec_layer else 0
@@ -155,7 +157,8 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
     head += copies * n_rest
     # full checkpointing keeps each block's fp32 input and recomputes one block at a time in backward
     n_blocks = mcfg.n_layer + mcfg.n_dec_layer
-    acts = (n_blocks * R * s * b * h + max(layer, dec_layer) if ckpt else mcfg.n_layer * layer + mcfg.n_dec_layer * dec_layer) + head
+    acts = head + (n_blocks * R * s * b * h + max(layer, dec_layer) if ckpt
+                   else mcfg.n_layer * layer + mcfg.n_dec_layer * dec_layer)
 
     if parallel == "fsdp":  # gathered compute-dtype params of the root and two blocks (one prefetched),
         # plus the largest unit's unsharded gradient and its fp32 copy for reduce-scatter
@@ -175,7 +178,8 @@ def run_estimate(opts, cfg, emit):
     world = opts["gpus"]
     parallel = cfg["parallel"] if cfg["parallel"] != "auto" else "ddp" if world > 1 else "single"
     dtype = "bfloat16" if cfg["dtype"] == "auto" else cfg["dtype"]  # what 'auto' picks on a recent GPU
-    res = {ac: estimate_memory(mcfg, cfg["batch_size"], mcfg.block_size, world, parallel, dtype, ac, unsharded_grads(cfg, parallel))
+    res = {ac: estimate_memory(mcfg, cfg["batch_size"], mcfg.block_size, world, parallel, dtype, ac,
+                               unsharded_grads(cfg, parallel))
            for ac in ("none", "full")}
     gib = lambda x: f"{x / 2**30:10.2f}"
     recipe = " (" + ", ".join(recipes().get(cfg["model"], [])) + ")" if recipes().get(cfg["model"]) else ""
@@ -222,7 +226,8 @@ def build_variant(cfg, opts):
             batches.append({"idx": x, "targets": y})
     key = (str(rt.device), rt.dtype, torch.get_num_threads())  # measure a CPU peak once, so variants share it
     if key not in PEAKS:
-        PEAKS[key] = (opts["peak_tflops"] * 1e12, "--peak_tflops") if opts["peak_tflops"] else peak_flops(rt.device, rt.dtype)
+        given = (opts["peak_tflops"] * 1e12, "--peak_tflops") if opts["peak_tflops"] else None
+        PEAKS[key] = given or peak_flops(rt.device, rt.dtype)
     peak, peak_src = PEAKS[key]
     return dict(cfg=cfg, run=run, rt=rt, mcfg=mcfg, T=T, state=train.build(run.cfg, rt, mcfg), batches=batches,
                 threads=torch.get_num_threads(), data=cfg["dataset"] if real else "synthetic",
@@ -259,7 +264,8 @@ def report(v, opts, n_variants):
     achieved = fpt * tok_s / 1e12
     if rt.device.type == "cuda":
         note = " (this variant's steps, all variants resident)" if n_variants > 1 else ""
-        mem = dict(peak_bytes=v["mem"], reserved_bytes=v["mem_reserved"], source="torch.cuda.max_memory_allocated" + note)
+        mem = dict(peak_bytes=v["mem"], reserved_bytes=v["mem_reserved"],
+                   source="torch.cuda.max_memory_allocated" + note)
     else:  # ru_maxrss is KiB on Linux, bytes on macOS; it cannot be reset, so it covers the whole process
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         mem = dict(peak_bytes=rss, source="peak RSS of the whole process (getrusage ru_maxrss)")
@@ -271,7 +277,8 @@ def report(v, opts, n_variants):
                 activation_checkpointing=cfg["activation_checkpointing"], parallel=rt.parallel, world=rt.world,
                 threads=v["threads"], batch_size=cfg["batch_size"], block_size=T,
                 gradient_accumulation_steps=cfg["gradient_accumulation_steps"], steps=len(ms), warmup=opts["warmup"],
-                tokens_per_step=tokens, ms_per_step=dict(median=med, min=ms[0], max=ms[-1], p25=q1, p75=q3, all=v["ms"]),
+                tokens_per_step=tokens,
+                ms_per_step=dict(median=med, min=ms[0], max=ms[-1], p25=q1, p75=q3, all=v["ms"]),
                 tokens_per_s=tok_s, flops_per_token=fpt, achieved_tflops=achieved, peak_tflops=v["peak"] / 1e12,
                 peak_source=v["peak_src"], mfu=mfu(fpt, tok_s, v["peak"], rt.world), memory=mem,
                 estimated_total_bytes=est["total"], provenance=provenance(cfg, rt.device, rt.world))
@@ -298,12 +305,14 @@ def run_bench(opts, rest, emit):
     results = [report(v, opts, len(variants)) for v in variants]
     for v, res in zip(variants, results):  # tokens/s over the first's, the median of per-round pairs:
         ratio = res["tokens_per_step"] / results[0]["tokens_per_step"]  # pairs cancel the machine's drift
-        res["name"], res["speedup"] = v["name"], statistics.median(ratio * a / b for a, b in zip(variants[0]["ms"], v["ms"]))
+        res["name"] = v["name"]
+        res["speedup"] = statistics.median(ratio * a / b for a, b in zip(variants[0]["ms"], v["ms"]))
     emit(f"{'variant':28s} {'dtype':>8s} {'thr':>3s} {'ms/step med [min max]':>26s} {'tok/s':>9s} "
          f"{'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>9s} {'speedup':>7s}")
     for res in results:
         ms = res["ms_per_step"]
-        emit(f"{res['name'][:28]:28s} {res['dtype']:>8s} {res['threads']:3d} {ms['median']:9.1f} [{ms['min']:7.1f} {ms['max']:7.1f}] "
+        emit(f"{res['name'][:28]:28s} {res['dtype']:>8s} {res['threads']:3d} {ms['median']:9.1f} "
+             f"[{ms['min']:7.1f} {ms['max']:7.1f}] "
              f"{res['tokens_per_s']:9,.0f} {res['achieved_tflops']:8.3f} {res['mfu']:6.1%} "
              f"{res['memory']['peak_bytes'] / 2**20:6.0f}MiB {res['speedup']:7.2f}x")
     r0 = results[0]
@@ -313,7 +322,8 @@ def run_bench(opts, rest, emit):
 
     if opts["profile"]:
         path = "bench_trace.json" if opts["profile"] is True else opts["profile"]
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
+        kinds = torch.profiler.ProfilerActivity
+        acts = [kinds.CPU] + ([kinds.CUDA] if rt.device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
             for i in range(3):
                 with torch.profiler.record_function(f"train_step {i}"):
@@ -335,7 +345,8 @@ def run_prepare(mb, emit):
         tok = prepare.get_tokenizer("gpt2")
     except UserError as e:
         raise UserError(f"bench.py --prepare times the gpt2 BPE, which cannot be loaded: {str(e).split('. Fix')[0]}. "
-                        f"Set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files, or run once online") from None
+                        f"Set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files, or run once online"
+                        ) from None
     texts = [Path(f).read_text(encoding="utf-8", errors="replace") for _, f in prepare.pystdlib_files()]
     procs = min(os.cpu_count() or 1, 8)
     with tempfile.TemporaryDirectory() as tmp:
@@ -351,7 +362,8 @@ def run_prepare(mb, emit):
             meta = json.loads(Path(tmp, "bench", "meta.json").read_text())
             return meta["train_tokens"] + meta["val_tokens"]
 
-        variants = {"encode_ordinary loop": lambda: sum(len(tok.encode(t)) + 1 for t, _ in readers.iter_documents([path])),
+        loop = lambda: sum(len(tok.encode(t)) + 1 for t, _ in readers.iter_documents([path]))
+        variants = {"encode_ordinary loop": loop,
                     "prepare.py, 1 process": lambda: run(1), f"prepare.py, {procs} processes": lambda: run(procs)}
         names, seconds, tokens = list(variants), {v: [] for v in variants}, set()
         emit(f"{size / 1e6:.0f} MB of text, gpt2 BPE, {PREPARE_ROUNDS} rounds of {', '.join(names)}")
@@ -362,7 +374,8 @@ def run_prepare(mb, emit):
                 seconds[name].append(time.perf_counter() - t0)
     assert len(tokens) == 1, tokens  # every variant tokenized the same documents to the same count
     n, base = tokens.pop(), seconds[names[0]]
-    res = {name: dict(seconds=s, tokens_per_s=n / statistics.median(s), speedup=statistics.median(b / a for a, b in zip(s, base)))
+    res = {name: dict(seconds=s, tokens_per_s=n / statistics.median(s),
+                      speedup=statistics.median(b / a for a, b in zip(s, base)))
            for name, s in seconds.items()}
     for name, r in res.items():
         s = sorted(r["seconds"])

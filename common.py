@@ -1,6 +1,7 @@
 """
 Small helpers that several scripts share, each with one home here: atomic file writes, reading JSONL,
-a run's provenance, the config parser, signal handling, and the distributed helpers (a thin layer over torch.distributed: torchrun starts
+a run's provenance, the config parser, signal handling, and the distributed helpers (a thin layer over
+torch.distributed: torchrun starts
 the processes, we write no collective of our own). Only the standard library is imported at the top,
 so prepare.py never loads torch; optional packages are imported by need(), where they are used.
 """
@@ -110,7 +111,8 @@ def resolve_device(requested, cuda=False, n_cuda=0, mps=False, local_world=1, lo
             raise UserError(f"device={requested!r} is not a device; use cuda or cuda:N")
         i = int(index) if index else local_rank
         if i >= n_cuda:
-            raise UserError(f"device={requested!r} needs GPU {i}, but there are {n_cuda}; use cuda:0..cuda:{n_cuda - 1}")
+            raise UserError(f"device={requested!r} needs GPU {i}, but there are {n_cuda}; "
+                            f"use cuda:0..cuda:{n_cuda - 1}")
         return f"cuda:{i}"
     if kind == "mps" and not mps:
         raise UserError(f"device={requested!r} but MPS is not available; use --device=cpu")
@@ -234,7 +236,8 @@ def cached_matmul_flops(device, dtype):
     import torch
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    key = f"{platform.node()} | {device} {name} | torch {torch.__version__} | {dtype} | {torch.get_num_threads()} threads"
+    key = (f"{platform.node()} | {device} {name} | torch {torch.__version__} | {dtype} | "
+           f"{torch.get_num_threads()} threads")
     path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "anvil", "peak_flops.json")
     try:
         with open(path) as f:
@@ -393,7 +396,8 @@ def one_of(*choices):
 
 
 nonempty = rule("non-empty", lambda v: v.strip() != "", [""])
-device_rule = rule("'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), ["gpu"])
+device_rule = rule("'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v),
+                   ["gpu"])
 
 
 def usage(doc, defaults, rules, path):
@@ -500,7 +504,8 @@ def dir_lock(folder):
                 os.remove(path)  # stale: its run was killed
                 continue
             raise UserError(f"{folder} is in use by the run with pid {pid or '?'} on {host or '?'} (lock file {path}); "
-                            f"stop that run or use another out_dir (delete the lock file only if that run is gone)") from None
+                            f"stop that run or use another out_dir (delete the lock file only if that run is gone)"
+                            ) from None
     try:
         yield
     finally:
@@ -525,7 +530,8 @@ def catch_signals(stop):
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    old = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+           for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:

@@ -47,11 +47,13 @@ def from_hf_config(c):
     """(architecture, ModelConfig) of a config.json dict; a UserError names what anvil cannot represent."""
     arch = (c.get("architectures") or [None])[0]
     if arch not in ARCHS:
-        raise UserError(f"architecture {arch or c.get('model_type')!r} is not supported; anvil imports {', '.join(ARCHS)}")
+        raise UserError(f"architecture {arch or c.get('model_type')!r} is not supported; anvil imports "
+                        f"{', '.join(ARCHS)}")
     kind = ARCHS[arch]
     for key, ok in dict(FIXED[kind], sliding_window=None).items():
         if c.get(key, ok) != ok:
-            raise UserError(f"config.json sets {key}={c[key]!r}, which anvil does not support ({arch} needs {key}={ok!r})")
+            raise UserError(f"config.json sets {key}={c[key]!r}, which anvil does not support ({arch} needs "
+                            f"{key}={ok!r})")
     act = c.get("activation_function" if kind == "gpt2" else "hidden_act", "gelu_new" if kind == "gpt2" else "silu")
     if kind in ("gpt2", "bert") and act not in GELU:
         raise UserError(f"config.json sets activation {act!r}, which anvil does not support (one of {sorted(GELU)})")
@@ -63,20 +65,25 @@ def from_hf_config(c):
     elif kind == "llama":
         rope = c.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
         if rope.get("rope_type", "default") != "default":
-            raise UserError(f"config.json sets rope_parameters={rope}, which anvil does not support (rope_type 'default' only)")
+            raise UserError(f"config.json sets rope_parameters={rope}, which anvil does not support (rope_type "
+                            f"'default' only)")
         C, H = c["hidden_size"], c["num_attention_heads"]
         if c.get("head_dim") not in (None, C // H):
-            raise UserError(f"config.json sets head_dim={c['head_dim']}, which anvil does not support (it must be hidden_size/num_attention_heads={C // H})")
+            raise UserError(f"config.json sets head_dim={c['head_dim']}, which anvil does not support (it must be "
+                            f"hidden_size/num_attention_heads={C // H})")
         args = dict(M.PRESETS["llama-50m"], vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
                     n_layer=c["num_hidden_layers"], n_head=H, n_kv_head=c.get("num_key_value_heads") or H, n_embd=C,
-                    ffn_hidden=c["intermediate_size"], rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                    ffn_hidden=c["intermediate_size"],
+                    rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
                     norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=c.get("tie_word_embeddings", False))
     elif kind == "t5":
         C, H, ff = c["d_model"], c["num_heads"], c.get("feed_forward_proj", "relu")
         if c.get("d_kv", C // H) != C // H:
-            raise UserError(f"config.json sets d_kv={c['d_kv']}, which anvil does not support (it must be d_model/num_heads={C // H})")
+            raise UserError(f"config.json sets d_kv={c['d_kv']}, which anvil does not support (it must be "
+                            f"d_model/num_heads={C // H})")
         if ff not in T5_MLP:
-            raise UserError(f"config.json sets feed_forward_proj={ff!r}, which anvil does not support (one of {sorted(T5_MLP)})")
+            raise UserError(f"config.json sets feed_forward_proj={ff!r}, which anvil does not support (one of "
+                            f"{sorted(T5_MLP)})")
         # transformers 5 keeps tie_word_embeddings true and says whether to scale in scale_decoder_outputs: anvil
         # ties exactly when it scales (T5 v1.1 neither), and takes an unscaled model's head as its own copy
         args = dict(M.PRESETS["t5-small"], vocab_size=c["vocab_size"], block_size=c.get("n_positions") or 512,
@@ -102,17 +109,19 @@ def from_hf_config(c):
 def arch_of(cfg):
     """The Hugging Face architecture an anvil ModelConfig is, or a UserError naming why none is."""
     if cfg.qk_norm:
-        raise UserError("this model has qk_norm=True, which none of GPT-2, LLaMA, BERT or T5 has: Hugging Face export does not support it")
+        raise UserError("this model has qk_norm=True, which none of GPT-2, LLaMA, BERT or T5 has: Hugging Face "
+                        "export does not support it")
     lm = cfg.causal and not cfg.post_norm and not cfg.type_vocab_size and cfg.head == "lm"
-    if lm and (cfg.norm, cfg.mlp, cfg.pos, cfg.bias, cfg.n_kv_head) == ("layernorm", "gelu", "learned", True, cfg.n_head):
+    shape = (cfg.norm, cfg.mlp, cfg.pos, cfg.bias, cfg.n_kv_head)
+    if lm and shape == ("layernorm", "gelu", "learned", True, cfg.n_head):
         return "GPT2LMHeadModel"
     if lm and (cfg.norm, cfg.mlp, cfg.pos, cfg.bias) == ("rmsnorm", "swiglu", "rope", False):
         return "LlamaForCausalLM"
     if (not cfg.causal and cfg.post_norm and cfg.type_vocab_size and cfg.head != "lm" and cfg.bias
             and (cfg.norm, cfg.mlp, cfg.pos, cfg.n_kv_head) == ("layernorm", "gelu", "learned", cfg.n_head)):
         return "BertForPreTraining" if cfg.head == "mlm_nsp" else "BertForSequenceClassification"
-    if (cfg.n_dec_layer and (cfg.norm, cfg.bias, cfg.n_kv_head) == ("rmsnorm", False, cfg.n_head) and cfg.mlp in T5_MLP.values()
-            and (cfg.mlp != "geglu" or cfg.gelu_approx == "tanh")):
+    if (cfg.n_dec_layer and (cfg.norm, cfg.bias, cfg.n_kv_head) == ("rmsnorm", False, cfg.n_head)
+            and cfg.mlp in T5_MLP.values() and (cfg.mlp != "geglu" or cfg.gelu_approx == "tanh")):
         return "T5ForConditionalGeneration"
     raise UserError(f"this model (norm={cfg.norm}, mlp={cfg.mlp}, pos={cfg.pos}, bias={cfg.bias}, causal={cfg.causal}, "
                     f"head={cfg.head}, n_dec_layer={cfg.n_dec_layer}) is none of GPT-2, LLaMA, BERT or T5, the shapes "
@@ -130,7 +139,8 @@ def to_hf_config(cfg, arch, labels=None, start_id=None):
                  resid_pdrop=d, embd_pdrop=d, attn_pdrop=d, **({"bos_token_id": 50256, "eos_token_id": 50256}
                                                               if cfg.vocab_size == 50257 else {}))
     elif arch == "LlamaForCausalLM":
-        c = dict(model_type="llama", vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
+        c = dict(model_type="llama", vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd,
+                 intermediate_size=cfg.ffn_hidden,
                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
                  head_dim=cfg.n_embd // cfg.n_head, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
                  rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
@@ -141,10 +151,12 @@ def to_hf_config(cfg, arch, labels=None, start_id=None):
                  relative_attention_num_buckets=cfg.relative_attention_num_buckets, n_positions=cfg.block_size,
                  relative_attention_max_distance=cfg.relative_attention_max_distance, dropout_rate=d,
                  layer_norm_epsilon=cfg.norm_eps, feed_forward_proj={v: k for k, v in T5_MLP.items()}[cfg.mlp],
-                 is_encoder_decoder=True, **({} if start_id is None else dict(pad_token_id=start_id, decoder_start_token_id=start_id)))
+                 is_encoder_decoder=True,
+                 **({} if start_id is None else dict(pad_token_id=start_id, decoder_start_token_id=start_id)))
     else:
         c = dict(model_type="bert", vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
-                 num_attention_heads=cfg.n_head, intermediate_size=cfg.ffn_hidden, max_position_embeddings=cfg.block_size,
+                 num_attention_heads=cfg.n_head, intermediate_size=cfg.ffn_hidden,
+                 max_position_embeddings=cfg.block_size,
                  type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.norm_eps, hidden_dropout_prob=d,
                  attention_probs_dropout_prob=d, hidden_act="gelu_new" if cfg.gelu_approx == "tanh" else "gelu")
         if cfg.head == "classify":
@@ -160,7 +172,8 @@ def groups(cfg, arch, prefix="bert."):
     """[(anvil names, [(HF name, transform)])], the tied head excluded (head_name gives its HF name).
     Transforms: "id", "t" (GPT-2's Conv1D), ("rope", heads) (LLaMA's q/k rows)."""
     def lin(ours, theirs, tf="id", bias=True):  # a Linear or a norm: weight, and bias if it has one
-        return [([f"{ours}.weight"], [(f"{theirs}.weight", tf)])] + ([([f"{ours}.bias"], [(f"{theirs}.bias", "id")])] if bias else [])
+        return ([([f"{ours}.weight"], [(f"{theirs}.weight", tf)])]
+                + ([([f"{ours}.bias"], [(f"{theirs}.bias", "id")])] if bias else []))
     g = []
     if arch == "GPT2LMHeadModel":
         g += lin("tok_emb", "transformer.wte", bias=False) + lin("pos_emb", "transformer.wpe", bias=False)
@@ -176,12 +189,15 @@ def groups(cfg, arch, prefix="bert."):
         g += lin("tok_emb", "model.embed_tokens", bias=False)
         for i in range(cfg.n_layer):
             p, h = f"blocks.{i}.", f"model.layers.{i}."
-            g += lin(p + "norm1", h + "input_layernorm", bias=False) + lin(p + "norm2", h + "post_attention_layernorm", bias=False)
+            g += lin(p + "norm1", h + "input_layernorm", bias=False)
+            g += lin(p + "norm2", h + "post_attention_layernorm", bias=False)
             g += [([p + "attn.q.weight"], [(h + "self_attn.q_proj.weight", ("rope", cfg.n_head))]),
                   ([p + "attn.kv.weight"], [(h + "self_attn.k_proj.weight", ("rope", cfg.n_kv_head)),
                                             (h + "self_attn.v_proj.weight", "id")]),
-                  ([p + "mlp.up.weight"], [(h + "mlp.gate_proj.weight", "id"), (h + "mlp.up_proj.weight", "id")])]  # gate first: MLP's chunk
-            g += lin(p + "attn.proj", h + "self_attn.o_proj", bias=False) + lin(p + "mlp.down", h + "mlp.down_proj", bias=False)
+                  ([p + "mlp.up.weight"],  # the gate first, as MLP's chunk
+                   [(h + "mlp.gate_proj.weight", "id"), (h + "mlp.up_proj.weight", "id")])]
+            g += lin(p + "attn.proj", h + "self_attn.o_proj", bias=False)
+            g += lin(p + "mlp.down", h + "mlp.down_proj", bias=False)
         g += lin("norm", "model.norm", bias=False)
     elif arch == "T5ForConditionalGeneration":
         g += lin("tok_emb", "shared", bias=False)
@@ -189,31 +205,37 @@ def groups(cfg, arch, prefix="bert."):
             g += lin(ours + "rel_bias", f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias", bias=False)
             for i in range(n):  # each block a list of layers: self-attention, (cross-attention,) feed-forward
                 p, h = f"{ours}blocks.{i}.", f"{stack}.block.{i}.layer."
-                attns = [("norm1", "attn", "0.SelfAttention")] + ([("norm_cross", "cross", "1.EncDecAttention")] if ours else [])
+                attns = [("norm1", "attn", "0.SelfAttention")]
+                attns += [("norm_cross", "cross", "1.EncDecAttention")] if ours else []
                 for norm, a, t5 in attns:
-                    g += lin(p + norm, h + t5[0] + ".layer_norm", bias=False) + lin(p + a + ".q", h + t5 + ".q", bias=False)
+                    g += lin(p + norm, h + t5[0] + ".layer_norm", bias=False)
+                    g += lin(p + a + ".q", h + t5 + ".q", bias=False)
                     g += [([p + a + ".kv.weight"], [(h + t5 + ".k.weight", "id"), (h + t5 + ".v.weight", "id")])]
                     g += lin(p + a + ".proj", h + t5 + ".o", bias=False)
                 f = f"{h}{len(attns)}."
                 wi = ["wi_0", "wi_1"] if cfg.mlp in M.GATED else ["wi"]  # gate first: MLP's chunk
                 g += [([p + "mlp.up.weight"], [(f"{f}DenseReluDense.{w}.weight", "id") for w in wi])]
-                g += lin(p + "norm2", f + "layer_norm", bias=False) + lin(p + "mlp.down", f + "DenseReluDense.wo", bias=False)
+                g += lin(p + "norm2", f + "layer_norm", bias=False)
+                g += lin(p + "mlp.down", f + "DenseReluDense.wo", bias=False)
             g += lin(ours + "norm", f"{stack}.final_layer_norm", bias=False)
     else:
         b = prefix
-        g += lin("tok_emb", b + "embeddings.word_embeddings", bias=False) + lin("type_emb", b + "embeddings.token_type_embeddings", bias=False)
+        g += lin("tok_emb", b + "embeddings.word_embeddings", bias=False)
+        g += lin("type_emb", b + "embeddings.token_type_embeddings", bias=False)
         g += lin("pos_emb", b + "embeddings.position_embeddings", bias=False) + lin("norm", b + "embeddings.LayerNorm")
         for i in range(cfg.n_layer):
             p, h = f"blocks.{i}.", f"{b}encoder.layer.{i}."
             g += lin(p + "attn.q", h + "attention.self.query")
-            g += [([p + f"attn.kv.{leaf}"], [(h + f"attention.self.key.{leaf}", "id"), (h + f"attention.self.value.{leaf}", "id")])
+            g += [([p + f"attn.kv.{leaf}"],
+                   [(h + f"attention.self.key.{leaf}", "id"), (h + f"attention.self.value.{leaf}", "id")])
                   for leaf in ("weight", "bias")]
             g += lin(p + "attn.proj", h + "attention.output.dense") + lin(p + "norm1", h + "attention.output.LayerNorm")
             g += lin(p + "mlp.up", h + "intermediate.dense") + lin(p + "mlp.down", h + "output.dense")
             g += lin(p + "norm2", h + "output.LayerNorm")
         g += lin("pooler", b + "pooler.dense")
         if cfg.head == "mlm_nsp":
-            g += lin("mlm_dense", "cls.predictions.transform.dense") + lin("mlm_norm", "cls.predictions.transform.LayerNorm")
+            g += lin("mlm_dense", "cls.predictions.transform.dense")
+            g += lin("mlm_norm", "cls.predictions.transform.LayerNorm")
             g += [(["lm_head.bias"], [("cls.predictions.bias", "id")])] + lin("nsp_head", "cls.seq_relationship")
         else:
             g += lin("cls_head", "classifier")
@@ -311,7 +333,7 @@ def import_state(folder, arch, cfg, shard=None):
         if missing and arch == "BertModel" and ours[0].startswith(M.HEAD_PREFIXES):  # no pretraining heads: fresh ones
             state.update({k: skeleton.init_tensor(k, skeleton.get_parameter(k).shape) for k in ours})
             continue
-        if missing == ["lm_head.weight"] and arch == "T5ForConditionalGeneration":  # tied but unscaled: see from_hf_config
+        if missing == ["lm_head.weight"] and arch == "T5ForConditionalGeneration":  # tied, unscaled: from_hf_config
             theirs, missing = [("shared.weight", "id")], []
         if missing:
             raise UserError(f"{folder} lacks weight {missing[0]!r} that its config.json implies")
@@ -404,7 +426,8 @@ def export(net, ckpt, out_dir, max_shard_bytes=5 * 2**30):
     write_json(os.path.join(out_dir, "config.json"), dict(config, dtype=dtype))
     note = ""
     if meta.get("tokenizer") == "gpt2" and cfg.vocab_size >= 50257 and cfg.causal:
-        note = " and GPT-2's tokenizer" if write_gpt2_tokenizer(out_dir, cfg.block_size) else " (no tokenizer: tiktoken's gpt2 unavailable)"
+        written = write_gpt2_tokenizer(out_dir, cfg.block_size)
+        note = " and GPT-2's tokenizer" if written else " (no tokenizer: tiktoken's gpt2 unavailable)"
     elif str(meta.get("tokenizer")).endswith(".json") and os.path.isfile(meta["tokenizer"]):  # a tokenizer.json corpus
         config = os.path.join(os.path.dirname(meta["tokenizer"]), "tokenizer_config.json")
         for src, name in ((meta["tokenizer"], "tokenizer.json"), (config, "tokenizer_config.json")):
@@ -457,7 +480,8 @@ def gpt2_vocab_merges():
         if len(token) > 1:
             parts = [bytes([b]) for b in token]
             while len(parts) > 2:  # merge the best-ranked pair, as BPE does, until two parts remain
-                pairs = [(ranks[a + b], j) for j, (a, b) in enumerate(zip(parts, parts[1:])) if ranks.get(a + b, rank) < rank]
+                pairs = [(ranks[a + b], j) for j, (a, b) in enumerate(zip(parts, parts[1:]))
+                         if ranks.get(a + b, rank) < rank]
                 if not pairs:
                     break
                 i = min(pairs)[1]
@@ -473,7 +497,8 @@ def write_gpt2_tokenizer(out_dir, max_length):
     except (UserError, ImportError):
         return False
     write_json(os.path.join(out_dir, "vocab.json"), vocab)
-    atomic_write(os.path.join(out_dir, "merges.txt"), lambda f: f.write(("#version: 0.2\n" + "\n".join(merges) + "\n").encode()))
+    merges_txt = "#version: 0.2\n" + "\n".join(merges) + "\n"
+    atomic_write(os.path.join(out_dir, "merges.txt"), lambda f: f.write(merges_txt.encode()))
     eot = "<|endoftext|>"
     write_json(os.path.join(out_dir, "tokenizer_config.json"), dict(
         tokenizer_class="GPT2Tokenizer", bos_token=eot, eos_token=eot, unk_token=eot, model_max_length=max_length,

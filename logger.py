@@ -171,15 +171,17 @@ def wandb_sink(cfg, resuming):
     the rows of steps it already has: those after the checkpoint, trained again)."""
     import wandb
     path = os.path.join(cfg["out_dir"], "wandb_id")
-    run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or os.path.basename(os.path.abspath(cfg["out_dir"])),
-                     id=open(path).read().strip() if resuming and os.path.exists(path) else None, resume="allow", dir=cfg["out_dir"])
+    name = cfg["wandb_run_name"] or os.path.basename(os.path.abspath(cfg["out_dir"]))
+    run = wandb.init(project=cfg["wandb_project"], name=name, resume="allow", dir=cfg["out_dir"],
+                     id=open(path).read().strip() if resuming and os.path.exists(path) else None)
     atomic_write(path, run.id)
 
     def write(rec):
         if "step" in rec:
             run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
         else:  # the provenance: the config's keys, and torch, device_name, world, git beside them
-            run.config.update({**rec["config"], **{k: v for k, v in rec.items() if k != "config"}}, allow_val_change=True)
+            run.config.update({**rec["config"], **{k: v for k, v in rec.items() if k != "config"}},
+                              allow_val_change=True)
     try:
         yield write
     except BaseException:
@@ -197,7 +199,7 @@ def tensorboard_sink(folder, purge_step=None):
 
     def write(rec):
         if "step" not in rec:
-            writer.add_text("provenance", "    " + json.dumps(rec, indent=2).replace("\n", "\n    "))  # indented: a code block
+            writer.add_text("provenance", "    " + json.dumps(rec, indent=2).replace("\n", "\n    "))  # (a code block)
         for k, v in rec.items():
             if k != "step" and "step" in rec:
                 (writer.add_text if isinstance(v, str) else writer.add_scalar)(k, v, rec["step"])

@@ -112,7 +112,8 @@ def plot(paths, out=None):
     dots = lambda xs: {"marker": "o", "ms": 3} if len(xs) < 3 else {}  # a line of one or two points: show them
     plt = pyplot()
     has = lambda key: any(key in r for _, _, train, val in runs for r in [*train.values(), *val.values()])
-    panels = ["loss", "loss_time"] + ["bpb"] * has("val_bpb") + ["lr", "tok_s", "mfu"] + ["acc"] * any(map(has, ACCURACIES))
+    panels = (["loss", "loss_time"] + ["bpb"] * has("val_bpb") + ["lr", "tok_s", "mfu"]
+              + ["acc"] * any(map(has, ACCURACIES)))
     rows, legend = math.ceil(len(panels) / 3), LEGEND_ROW * (len(runs) + 1)
     fig, axes = plt.subplots(rows, 3, figsize=(3 * PANEL[0], rows * PANEL[1] + legend), dpi=DPI, squeeze=False)
     for ax in axes.flat[len(panels):]:
@@ -120,7 +121,8 @@ def plot(paths, out=None):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, ((_, _, train, val), label) in enumerate(zip(runs, labels(runs))):
         c = colors[i % len(colors)]
-        fig.legend(handles=[plt.Line2D([], [], color=c, lw=2)], labels=[label], loc="lower left", frameon=False, fontsize=9,
+        fig.legend(handles=[plt.Line2D([], [], color=c, lw=2)], labels=[label], loc="lower left", frameon=False,
+                   fontsize=9,
                    bbox_to_anchor=(0.01, LEGEND_ROW * (len(runs) - i - 0.5) / fig.get_figheight()))
         for ax, panel in zip(axes.flat, panels):
             if panel in ("loss", "loss_time"):
@@ -139,7 +141,8 @@ def plot(paths, out=None):
             else:
                 xs, ys = series(train, panel)
                 ax.plot(xs, [y * 100 for y in ys] if panel == "mfu" else ys, color=c, lw=1.2, **dots(xs))
-    titles = {"loss": "loss (nats/token): training (smoothed), validation (dots)", "loss_time": "loss against wall time",
+    titles = {"loss": "loss (nats/token): training (smoothed), validation (dots)",
+              "loss_time": "loss against wall time",
               "bpb": "validation bits per byte", "lr": "learning rate", "tok_s": "tokens/s", "mfu": "MFU (%)",
               "acc": "accuracy: training, validation (dots)"}
     for ax, panel in zip(axes.flat, panels):
@@ -152,7 +155,8 @@ def plot(paths, out=None):
             ax.yaxis.set_major_formatter("{x:.3g}")
             ax.yaxis.set_minor_formatter("{x:.3g}")
         if panel == "acc":  # which line is which metric
-            ax.legend(handles=[plt.Line2D([], [], color="k", ls=s, label=k) for k, s in ACCURACIES.items() if has(k)], fontsize=8)
+            ax.legend(handles=[plt.Line2D([], [], color="k", ls=s, label=k) for k, s in ACCURACIES.items() if has(k)],
+                      fontsize=8)
     fig.tight_layout(rect=(0, legend / fig.get_figheight(), 1, 1))
     fig.savefig(out or os.path.join(runs[0][0], "plot.png"))
     return fig

@@ -94,7 +94,8 @@ def parquet_documents(path, column):
     except Exception as e:  # pyarrow's own error types; the user needs one line
         raise UserError(f"{path} is not a Parquet file ({type(e).__name__}: {str(e)[:100]})") from None
     if column not in f.schema_arrow.names:
-        raise UserError(f"{path} has no column {column!r}; its columns: {', '.join(f.schema_arrow.names)} (--text_field)")
+        raise UserError(f"{path} has no column {column!r}; its columns: {', '.join(f.schema_arrow.names)} "
+                        f"(--text_field)")
     n, size, row = f.metadata.num_rows, os.path.getsize(path), 0
     for batch in f.iter_batches(batch_size=1024, columns=[column]):
         for text in batch.column(0).to_pylist():

@@ -88,7 +88,8 @@ def get_tokenizer(name):
 
 
 # LLaMA-3's pre-tokenizer split (cl100k_base's, written without possessive quantifiers)
-BPE_FILE_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+BPE_FILE_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                    r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def bpe_file_encoding(tiktoken, path):
@@ -112,7 +113,8 @@ def hf_tokenizer(path):
     try:
         tok = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # a JSON that is not a tokenizer: the library's message, on one line
-        raise UserError(f"tokenizer file {path!r} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:100]})") from None
+        raise UserError(f"tokenizer file {path!r} is not a Hugging Face tokenizer.json "
+                        f"({str(e).splitlines()[0][:100]})") from None
     vocab, names = tok.get_vocab(with_added_tokens=True), list(SEP_NAMES)
     config = Path(path).with_name("tokenizer_config.json")
     if config.is_file():

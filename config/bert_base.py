@@ -13,7 +13,8 @@
 # Phase 1, sequence 128, steps 0 -> 900k, 8 GPUs (32 sequences each):
 #   torchrun --standalone --nproc_per_node=8 train.py config/bert_base.py
 # Phase 2, sequence 512, steps 900k -> 1M: resume the same run with longer sequences, same global batch:
-#   torchrun --standalone --nproc_per_node=8 train.py config/bert_base.py --init_from=resume --seq_len=512 --max_iters=1000000
+#   torchrun --standalone --nproc_per_node=8 train.py config/bert_base.py --init_from=resume --seq_len=512 \
+#            --max_iters=1000000
 # Then fine-tune on a labelled task: see config/finetune_classify.py.
 out_dir = "out-bert-base"
 objective = "mlm_nsp"

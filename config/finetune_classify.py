@@ -22,7 +22,7 @@ eval_iters = 263            # 263 x 8 rows: the whole validation split (2,102 sn
 optimizer = "adamw"          # tuned with AdamW and a cosine (train.py's defaults: Muon + WSD, for the quickstart)
 lr_schedule = "cosine"
 learning_rate = 3e-4          # small, as BERT fine-tunes (the same for --init_from=scratch)
-head_lr_mult = 30.0           # pooler + new classifier at 9e-3: at 3e-4 they could not grow in 600 steps (36% from either init)
+head_lr_mult = 30.0           # pooler + new classifier at 9e-3: at 3e-4 they could not grow in 600 steps (36%)
 min_lr = 3e-5
 warmup_iters = 60
 weight_decay = 0.01
