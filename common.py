@@ -124,8 +124,9 @@ def resolve_device(requested, cuda=False, n_cuda=0, mps=False, local_world=1, lo
 def resolve_dtype(requested, device_type, parallel, bf16=False, device_name=""):
     """The compute dtype's name: 'auto' is bfloat16 on a GPU that has it, else float16 on CUDA, float32 elsewhere."""
     dt = requested
-    if dt == "auto":
-        dt = ("bfloat16" if bf16 else "float16") if device_type == "cuda" else "float32"
+    if dt == "auto":  # (FSDP has no loss scaler for fp16: a GPU without bf16 runs it in fp32)
+        dt = ("bfloat16" if bf16 else "float16" if parallel != "fsdp" else "float32") if device_type == "cuda" \
+            else "float32"
     if dt not in ("float32", "bfloat16", "float16"):
         raise UserError(f"dtype={dt!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
     if dt == "float16" and parallel == "fsdp":
@@ -392,7 +393,10 @@ fraction = rule("in [0, 1]", lambda v: 0 <= v <= 1, [-0.5, 1.5])
 
 
 def one_of(*choices):
-    return rule(" | ".join(map(repr, choices)), lambda v: v in choices, ["nope"])
+    """One of the choices; given a dict (a table such as data.OBJECTIVES), one of its keys at check time, so an
+    entry added to the table is a valid choice."""
+    table = choices[0] if len(choices) == 1 and isinstance(choices[0], dict) else choices
+    return rule(" | ".join(map(repr, table)), lambda v: v in table, ["nope"])
 
 
 nonempty = rule("non-empty", lambda v: v.strip() != "", [""])

@@ -57,7 +57,7 @@ tensorboard_dir: Annotated[str, nonempty] = None      # also write the records a
 data_root: Annotated[str, nonempty] = "data"
 dataset: Annotated[str, nonempty] = None              # data_root/dataset; None: resumed run's, else objective's corpus
 tokenizer: Annotated[str, nonempty] = "bytes"         # used only when a built-in dataset has to be prepared
-objective: Annotated[str, one_of(*data.OBJECTIVES)] = None  # None: the checkpoint's, else clm. clm: next token |
+objective: Annotated[str, one_of(data.OBJECTIVES)] = None  # None: the checkpoint's, else clm. clm: next token |
 #   mlm_nsp: BERT's masked LM + next sentence | classify: labelled text | span: T5's span corruption | seq2seq: pairs
 seq_len: Annotated[int, at_least(0)] = 0              # tokens per sequence; 0: block_size (or what the data allows)
 dec_len: Annotated[int, at_least(0)] = 0              # encoder-decoder's target tokens; 0: span's own, seq_len's
@@ -251,13 +251,14 @@ def resolve_run(cfg, rt):
         notes.append(f"resumed from {path} at step {ckpt['step']} (best validation loss {ckpt['best_val']:.4f})")
     mcfg = model_config(c, meta, ckpt["model_args"] if ckpt else None)
     tokens = [meta[f"{s}_tokens"] for s in ("train", "val")]
-    T = c["seq_len"] or min(mcfg.block_size, min(tokens) - 2)  # (the model refuses one longer than its block_size)
-    if not c["seq_len"] and T < mcfg.block_size:
+    T = c["seq_len"] or mcfg.block_size  # (the model refuses one longer than its block_size)
+    if not c["seq_len"] and cfg["block_size"] is None and min(tokens) - 2 < T:  # a preset's block_size: adapt
+        T = min(tokens) - 2
         notes.append(f"seq_len {T}: the validation split holds {tokens[1]} tokens, fewer than block_size + 2")
     for split, name, n in zip(("train", "val"), ("training", "validation"), tokens):
         if n <= T + 1:
-            raise UserError(f"the {name} split has {n} tokens, not more than seq_len={T}; use a smaller --seq_len "
-                            f"or more data")
+            raise UserError(f"the {name} split has {n} tokens, not more than a sequence ({T}: seq_len, or block_size "
+                            f"when unset); use a smaller --seq_len or --block_size, or more data")
         if meta[f"{split}_max_id"] >= mcfg.vocab_size:  # recorded by prepare.py: no pass over the data
             raise UserError(f"the {name} split holds token id {meta[f'{split}_max_id']} >= the model's vocab_size="
                             f"{mcfg.vocab_size}: the corpus does not fit this vocabulary; re-run prepare.py")
