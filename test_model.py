@@ -369,8 +369,10 @@ def test_bert_heads_and_losses():
     torch.testing.assert_close(mlm[1:, 0], full[1:, 2], atol=1e-5, rtol=1e-5)
     ce = torch.nn.functional.cross_entropy
     torch.testing.assert_close(loss, ce(full[t != -1], x[t != -1]) + ce(nsp, nsp_y), atol=1e-5, rtol=1e-5)
-    s = data.metrics_from_sums("mlm_nsp", data.metric_sums("mlm_nsp", (mlm, nsp), loss, {"idx": x, "targets": t, "labels": nsp_y}))
-    assert s["loss"] == pytest.approx(loss.item(), abs=1e-5) and s["nsp_loss"] == pytest.approx(ce(nsp, nsp_y).item(), abs=1e-5)
+    s = data.metrics_from_sums("mlm_nsp", data.metric_sums("mlm_nsp", (mlm, nsp), loss,
+                                                           {"idx": x, "targets": t, "labels": nsp_y}))
+    assert (s["loss"] == pytest.approx(loss.item(), abs=1e-5)
+            and s["nsp_loss"] == pytest.approx(ce(nsp, nsp_y).item(), abs=1e-5))
     assert 0 <= s["mlm_acc"] <= 1 and s["nsp_acc"] in (0, 1 / 3, 2 / 3, 1)
     assert m.lm_head.weight is m.tok_emb.weight and m.lm_head.bias is not None  # tied decoder, own bias
     with pytest.raises(ValueError, match="generate"):
@@ -549,7 +551,8 @@ def test_t5_init_and_training_loss():
         logits, plain = m(src, attn_mask=mask, dec_idx=dec, targets=targets)
     assert logits.shape == (2, 25, 97)
     torch.testing.assert_close(fused, plain)
-    torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
+    torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                                        ignore_index=-1))
     assert abs(plain.item() - np.log(97)) < 1.0  # near uniform at init, thanks to the output scaling
 
 
@@ -617,8 +620,10 @@ def test_flops_per_token_matches_flop_counter_encoder_decoder():
         with FlopCounterMode(display=False) as both:
             m(src, attn_mask=mask, dec_idx=dec, targets=dec)[1].backward()
     per_pair = B * (S + T)
-    assert fwd.get_total_flops() == pytest.approx(M.flops_per_token(cfg, S, training=False, dec_len=T) * per_pair, rel=1e-12)
-    assert both.get_total_flops() == pytest.approx(M.flops_per_token(cfg, S, training=True, dec_len=T) * per_pair, rel=1e-12)
+    assert fwd.get_total_flops() == pytest.approx(M.flops_per_token(cfg, S, training=False, dec_len=T) * per_pair,
+                                                  rel=1e-12)
+    assert both.get_total_flops() == pytest.approx(M.flops_per_token(cfg, S, training=True, dec_len=T) * per_pair,
+                                                   rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -650,7 +655,8 @@ def test_compile_mlm_nsp_one_graph_for_any_mask_count():
         for row in range(B):
             pos = torch.randperm(20)[:max(1, n - row)]  # rows differ too
             t[row, pos] = x[row, pos]
-        kw = dict(token_type_ids=(torch.arange(T) >= 10).long().expand(B, T), attn_mask=x != 100, labels=torch.tensor([0, 1, 0]))
+        kw = dict(token_type_ids=(torch.arange(T) >= 10).long().expand(B, T), attn_mask=x != 100,
+                  labels=torch.tensor([0, 1, 0]))
         (mlm, nsp), loss = compiled(x, t, **kw)
         loss.backward()
         torch.testing.assert_close(loss, m(x, t, **kw)[1], atol=1e-5, rtol=1e-5)

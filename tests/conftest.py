@@ -66,7 +66,7 @@ def tiny_cfg(data_root, out_dir, **kw):
     cfg.update(data_root=str(data_root), out_dir=str(out_dir), n_layer=2, n_embd=64, n_head=4, block_size=64,
                batch_size=8, max_iters=20, eval_interval=10, eval_iters=2, log_interval=100, warmup_iters=5,
                learning_rate=3e-3, threads=1, device="cpu",
-               optimizer="adamw", lr_schedule="cosine", min_lr=3e-4)  # what the tests were written for (the old defaults)
+               optimizer="adamw", lr_schedule="cosine", min_lr=3e-4)  # what the tests were written for (old defaults)
     cfg.update(kw)
     return cfg
 

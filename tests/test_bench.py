@@ -96,7 +96,8 @@ def test_bench_args():
     assert (opts["estimate"], opts["gpus"], opts["json"]) == ("llama-7b", 64, True)
     cfg = train.get_config(rest)
     assert (cfg["model"], cfg["parallel"]) == ("llama-7b", "fsdp")
-    opts, rest = bench.parse_args(["--synthetic", "--steps=5", "--batch_size", "4", "--compare=compile=False,compile=True"])
+    opts, rest = bench.parse_args(["--synthetic", "--steps=5", "--batch_size", "4",
+                                   "--compare=compile=False,compile=True"])
     assert (opts["synthetic"], opts["steps"], opts["compare"]) == (True, 5, "compile=False,compile=True")
     assert train.get_config(rest)["batch_size"] == 4
     with pytest.raises(ValueError, match="unknown config key"):
@@ -155,7 +156,8 @@ def test_peak_flops_dtype_and_mfu(monkeypatch):
     assert common.peak_flops("cuda", torch.bfloat16, measure=False) == (None, "unknown")
     assert common.peak_flops("cpu", torch.float32, measure=False) == (None, "unknown")
     assert common.measure_matmul_flops("cpu", torch.float32, n=64, reps=1) > 0
-    assert common.mfu(1e9, 1e3, 1e13) == pytest.approx(0.1) and common.mfu(1e9, 1e3, 1e13, world=4) == pytest.approx(0.025)
+    assert (common.mfu(1e9, 1e3, 1e13) == pytest.approx(0.1)
+            and common.mfu(1e9, 1e3, 1e13, world=4) == pytest.approx(0.025))
     assert common.mfu(1e9, 1e5, 1e13) == 1.0  # faster than a measured peak: clamped
 
 
@@ -163,7 +165,8 @@ def test_peak_cache(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(common, "measure_matmul_flops", lambda d, t: calls.append(1) or 1e11)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert common.peak_flops("cpu", torch.float32) == (1e11, "measured fp32 matmul") == common.peak_flops("cpu", torch.float32)
+    assert (common.peak_flops("cpu", torch.float32) == (1e11, "measured fp32 matmul")
+            == common.peak_flops("cpu", torch.float32))
     assert len(calls) == 1 and len(json.load(open(tmp_path / "anvil" / "peak_flops.json"))) == 1  # measured once
     common.peak_flops("cpu", torch.bfloat16)
     assert len(calls) == 2  # another dtype: measured
@@ -201,14 +204,16 @@ def test_estimate_arithmetic():
         assert est(8, "fsdp")[k] == fsdp[k] / 2 and est(8, "ddp")[k] == ddp[k]
     assert est(8, "fsdp")["activations"] == fsdp["activations"]
     # the peak: all activations at the start of backward, or nearly all gradients and one block's at its end
-    assert ddp["total"] == ddp["params"] + ddp["optimizer"] + ddp["buffers"] + max(ddp["activations"], ddp["grads"] + layer)
+    assert ddp["total"] == (ddp["params"] + ddp["optimizer"] + ddp["buffers"]
+                            + max(ddp["activations"], ddp["grads"] + layer))
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "llama-7b"])
 def test_estimate_checkpointing_and_dtype(preset):
     mcfg = M.config_from_preset(preset)
     est = lambda **kw: bench.estimate_memory(mcfg, **{**dict(batch_size=2, seq_len=mcfg.block_size, world=8,
-                                                            parallel="fsdp", dtype="bfloat16", activation_checkpointing="none"), **kw})
+                                                            parallel="fsdp", dtype="bfloat16",
+                                                            activation_checkpointing="none"), **kw})
     with torch.device("meta"):
         assert est()["n_params"] == M.Transformer(mcfg).num_params()
     assert est(activation_checkpointing="full")["activations"] < est()["activations"]

@@ -26,7 +26,8 @@ GPU = dict(device="cuda", threads=0, compile=False, n_layer=4, n_embd=128, block
 
 @needs_cuda
 def test_cuda_bf16_compiled_50_steps_learn(data_root, tmp_path):
-    s = train.train(tiny_cfg(data_root, tmp_path, **{**GPU, "compile": True}, dtype="bfloat16", max_iters=50, eval_interval=25))
+    s = train.train(tiny_cfg(data_root, tmp_path, **{**GPU, "compile": True}, dtype="bfloat16", max_iters=50,
+                             eval_interval=25))
     assert all(np.isfinite(s["train_losses"])) and s["bad_steps"] == 0
     (_, v0), _, (_, v50) = s["evals"]
     assert v50 < v0 - 2.0, s["evals"]  # from ln(257) = 5.55 to below a unigram byte model
@@ -46,9 +47,11 @@ def test_cuda_fp16_with_grad_scaler(data_root, tmp_path):
 def test_cuda_fsdp_world_size_1_with_activation_checkpointing(data_root, tmp_path):
     kw = dict(GPU, dtype="float32", max_iters=8, eval_interval=4, log_interval=1)
     single = train.train(tiny_cfg(data_root, tmp_path / "single", **kw))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(REPO / "train.py")]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        str(REPO / "train.py")]
                        + [f"--{k}={v}" for k, v in tiny_cfg(data_root, tmp_path / "fsdp", **kw, parallel="fsdp",
-                                                              activation_checkpointing="full").items() if v is not None],
+                                                              activation_checkpointing="full").items()
+                          if v is not None],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     log = [json.loads(line) for line in open(tmp_path / "fsdp" / "log.jsonl")]
@@ -62,7 +65,8 @@ def test_cuda_fsdp_world_size_1_with_activation_checkpointing(data_root, tmp_pat
 def test_cuda_kv_cache_equals_recompute(style):
     m = small_model(style).cuda()
     prompt = torch.randint(0, 97, (2, 5), device="cuda")
-    assert torch.equal(m.generate(prompt, 25, temperature=0, use_cache=True), m.generate(prompt, 25, temperature=0, use_cache=False))
+    assert torch.equal(m.generate(prompt, 25, temperature=0, use_cache=True),
+                       m.generate(prompt, 25, temperature=0, use_cache=False))
 
 
 @needs_cuda

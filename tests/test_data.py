@@ -86,7 +86,8 @@ def _write_input(kind, texts, root):
     else:
         import gzip
         for j, raw in enumerate(lines):
-            (root / f"{j}.jsonl{'.gz' if kind == 'gz' else ''}").write_bytes(gzip.compress(raw) if kind == "gz" else raw)
+            (root / f"{j}.jsonl{'.gz' if kind == 'gz' else ''}").write_bytes(gzip.compress(raw) if kind == "gz"
+                                                                              else raw)
     return [str(root)], {}
 
 
@@ -117,7 +118,8 @@ def test_pystdlib_split_and_format(tmp_path):
         assert os.path.getsize(folder / f"{split}.bin") == 2 * meta[f"{split}_tokens"] == 2 * len(arr)
         assert int((arr == 256).sum()) == meta[f"{split}_docs"] == len(expect)
         assert meta[f"{split}_max_id"] == int(arr.max())  # recorded once, so train.py never scans the data
-        assert meta[f"{split}_bytes"] == sum(len(Path(f).read_bytes().decode("utf-8", errors="replace").encode()) for _, f in expect)
+        assert meta[f"{split}_bytes"] == sum(len(Path(f).read_bytes().decode("utf-8", errors="replace").encode())
+                                             for _, f in expect)
         assert arr.max() <= 256
         docs = _docs(np.asarray(arr), 256)
         # spot-check documents against their files: first, second and last of each split
@@ -190,7 +192,8 @@ def test_every_input_kind_roundtrips(tmp_path, kind):
         assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("kind,module,pip", [("parquet", "pyarrow.parquet", "pyarrow"), ("zst", "zstandard", "zstandard"),
+@pytest.mark.parametrize("kind,module,pip", [("parquet", "pyarrow.parquet", "pyarrow"),
+                                             ("zst", "zstandard", "zstandard"),
                                              ("hf", "datasets", "datasets"), ("json", "tokenizers", "tokenizers")])
 def test_optional_packages_named_before_anything_is_written(tmp_path, monkeypatch, kind, module, pip):
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed
@@ -198,7 +201,8 @@ def test_optional_packages_named_before_anything_is_written(tmp_path, monkeypatc
     (tmp_path / "a.jsonl.zst").write_bytes(b"")
     (tmp_path / "tokenizer.json").write_text("{}")
     inputs = {"parquet": ["a.parquet"], "zst": ["a.jsonl.zst"]}.get(kind, ["tokenizer.json"])
-    kw = dict(hf_dataset=str(tmp_path)) if kind == "hf" else dict(tokenizer=str(tmp_path / "tokenizer.json")) if kind == "json" else {}
+    kw = dict(hf_dataset=str(tmp_path)) if kind == "hf" else \
+        dict(tokenizer=str(tmp_path / "tokenizer.json")) if kind == "json" else {}
     with pytest.raises(common.UserError, match=f"pip install {pip}"):
         prepare.prepare("x", [str(tmp_path / i) for i in inputs] if kind != "hf" else [], out_dir=tmp_path / "out",
                         quiet=True, **kw)
@@ -225,7 +229,8 @@ def test_tokenizing_workers_keep_order(tmp_path, gpt2, monkeypatch, workers):
              for i in range(300)] + ["lone surrogate \ud800 here"]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     monkeypatch.setattr(prepare, "CHUNK_CHARS", 300)
-    folder = prepare.prepare("t", [str(tmp_path / "in.jsonl")], tokenizer="gpt2", out_dir=tmp_path, workers=workers, quiet=True)
+    folder = prepare.prepare("t", [str(tmp_path / "in.jsonl")], tokenizer="gpt2", out_dir=tmp_path, workers=workers,
+                             quiet=True)
     docs, _ = _in_order(folder)
     assert [d.tolist() for d in docs] == [gpt2.encode(t) + [50256] for t in texts]
 
@@ -257,7 +262,8 @@ def test_append_equals_one_prepare(tmp_path, monkeypatch):
         prepare.prepare("two", [str(path["c"]), str(tmp_path / "bad.jsonl")], append=True, **opts)
     same(one, two)
     prepare.prepare("two", [str(path["c"])], append=True, **opts)
-    same(Path(prepare.prepare("three", [str(path["a"]), str(path["b"]), str(path["c"])], val_fraction=0.1, val_docs=4, **opts)), two)
+    same(Path(prepare.prepare("three", [str(path["a"]), str(path["b"]), str(path["c"])], val_fraction=0.1,
+                              val_docs=4, **opts)), two)
     with pytest.raises(common.UserError, match="val_fraction=0.1, this run asks for 0.5"):
         prepare.prepare("two", [str(path["c"])], append=True, val_fraction=0.5, **opts)
     with pytest.raises(common.UserError, match="drop --append"):
@@ -301,8 +307,9 @@ def test_tiktoken_gpt2_roundtrip(tmp_path, gpt2):
     assert (meta["tokenizer"], meta["dtype"], meta["sep_id"]) == ("gpt2", "uint16", 50256)
     train = data.load_split(folder, "train")
     assert int((train == 50256).sum()) == meta["train_docs"] == 26
-    assert meta["train_bytes"] == sum(len(t.encode("utf-8")) for i, t in enumerate(texts) if i % 20)  # for bits per byte
-    assert tok.decode(train.tolist()) == "<|endoftext|>".join(t for i, t in enumerate(texts) if i % 20) + "<|endoftext|>"
+    assert meta["train_bytes"] == sum(len(t.encode("utf-8")) for i, t in enumerate(texts) if i % 20)  # bits per byte
+    assert tok.decode(train.tolist()) == "<|endoftext|>".join(t for i, t in enumerate(texts)
+                                                              if i % 20) + "<|endoftext|>"
 
 
 def test_tiktoken_offline_message(tmp_path, monkeypatch):
@@ -340,8 +347,8 @@ def test_tokenizer_from_a_bpe_file(tmp_path, data_root):
     folder = prepare.prepare("bpe", [str(tmp_path / "src")], tokenizer=str(path), out_dir=tmp_path / "data", quiet=True)
     meta = data.load_meta(folder)
     assert (meta["tokenizer"], meta["vocab_size"], meta["sep_id"]) == (str(path), 261, 260)
-    s = train.train(tiny_cfg(tmp_path / "data", tmp_path / "out", dataset="bpe", block_size=32, max_iters=4, eval_interval=4,
-                             warmup_iters=1))
+    s = train.train(tiny_cfg(tmp_path / "data", tmp_path / "out", dataset="bpe", block_size=32, max_iters=4,
+                             eval_interval=4, warmup_iters=1))
     assert s["model"].cfg.vocab_size == 261  # the model's vocabulary follows the tokenizer
     (tmp_path / "bad.model").write_text("not a bpe file\n")
     with pytest.raises(common.UserError, match="not a tiktoken BPE file"):
@@ -362,11 +369,12 @@ def test_tokenizer_json(tmp_path):
     folder = prepare.prepare("h", [str(tmp_path / "src")], tokenizer=str(path), out_dir=tmp_path / "data", quiet=True)
     docs, tok2 = _in_order(folder)
     assert [tok2.decode(d.tolist()) for d in docs] == [t * 10 + "</s>" for t in ODD_TEXTS]
-    s = train.train(tiny_cfg(tmp_path / "data", tmp_path / "out", dataset="h", block_size=32, max_iters=2, eval_interval=2,
-                             warmup_iters=1))
+    s = train.train(tiny_cfg(tmp_path / "data", tmp_path / "out", dataset="h", block_size=32, max_iters=2,
+                             eval_interval=2, warmup_iters=1))
     assert s["model"].cfg.vocab_size == tok.vocab_size and np.isfinite(s["train_losses"]).all()
     _hf_tokenizer_file(tmp_path / "noeos", eos="<none>")
-    (tmp_path / "noeos" / "tokenizer.json").write_text((tmp_path / "noeos" / "tokenizer.json").read_text().replace("</s>", "<x>"))
+    (tmp_path / "noeos" / "tokenizer.json").write_text(
+        (tmp_path / "noeos" / "tokenizer.json").read_text().replace("</s>", "<x>"))
     with pytest.raises(common.UserError, match="no end-of-document token"):
         prepare.get_tokenizer(str(tmp_path / "noeos" / "tokenizer.json"))
 
@@ -457,9 +465,12 @@ def test_stdlib_modules_demo_task(tmp_path):
     labels = {lab for _, lab, _ in ex}
     files = prepare.pystdlib_files()
     tops = [rel.split("/")[0] for rel, _ in files if "/" in rel]
-    assert labels == {p for p in tops if tops.count(p) >= 5} and {s for *_, s in ex} == {"train", "val"}  # packages of 5+ files
-    assert all(0 < len(t.encode()) <= 126 for t, _, _ in ex) and sum(s == "val" for *_, s in ex) > 1500  # ~2,000 (Python 3.11: 2,102)
-    val_text = "".join(Path(f).read_bytes().decode("utf-8", errors="ignore") for i, (_, f) in enumerate(files) if i % 20 == 0)
+    # packages of 5+ files
+    assert labels == {p for p in tops if tops.count(p) >= 5} and {s for *_, s in ex} == {"train", "val"}
+    # ~2,000 (Python 3.11: 2,102)
+    assert all(0 < len(t.encode()) <= 126 for t, _, _ in ex) and sum(s == "val" for *_, s in ex) > 1500
+    val_text = "".join(Path(f).read_bytes().decode("utf-8", errors="ignore") for i, (_, f) in enumerate(files)
+                       if i % 20 == 0)
     assert all(t in val_text for t, _, s in ex if s == "val")  # split by file like pystdlib's 20th-document rule
     folder = prepare.prepare(prepare.CLASSIFY_DEMO, out_dir=tmp_path, quiet=True)
     meta = data.load_meta(folder)
@@ -480,8 +491,9 @@ def test_stdlib_modules_demo_task(tmp_path):
 def test_prepare_classify_jsonl(tmp_path):
     lines = [{"text": f"item {i}", "label": ["a", "b", 3][i % 3]} for i in range(45)]
     (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--classify", "--name=x", f"--input={tmp_path / 'x.jsonl'}",
-                        f"--out_dir={tmp_path}", "--quiet"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--classify", "--name=x",
+                        f"--input={tmp_path / 'x.jsonl'}", f"--out_dir={tmp_path}", "--quiet"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     meta = data.load_meta(tmp_path / "x")
     assert meta["labels"] == ["3", "a", "b"] and (meta["train_docs"], meta["val_docs"]) == (42, 3)
@@ -508,7 +520,8 @@ def test_span_corruption_statistics(data_root):
     spans = round(noise / 3)
     assert (raw, D) == (141, noise + spans + 1) and raw - noise + spans + 1 == T
     masks = np.stack([data.noise_mask(raw, np.random.default_rng(i)) for i in range(2000)])
-    assert (masks.sum(1) == noise).all() and abs(masks.mean() - 0.15) < 0.002 and not masks[:, 0].any()  # non-noise first
+    # non-noise first
+    assert (masks.sum(1) == noise).all() and abs(masks.mean() - 0.15) < 0.002 and not masks[:, 0].any()
     lengths = np.concatenate([_runs(m) for m in masks])
     assert len(lengths) == 2000 * spans and lengths.mean() == pytest.approx(3.0, abs=0.05) and lengths.min() >= 1
     assert lengths.std() > 1.5 and (lengths == 1).mean() > 0.2  # T5's random segmentation, not fixed spans of 3
@@ -542,7 +555,8 @@ def test_span_lengths_are_t5s():
         inputs, targets = data.span_corrupt(x, data.noise_mask(raw, np.random.default_rng(T)), 1000, -5)
         assert (len(inputs), len(targets)) == (T, D), T
         assert data.span_uncorrupt(inputs, targets, 1000) == x.tolist()
-        longer = data.span_corrupt(np.zeros(raw + 1, np.int64), data.noise_mask(raw + 1, np.random.default_rng(0)), 1000, -5)
+        longer = data.span_corrupt(np.zeros(raw + 1, np.int64), data.noise_mask(raw + 1, np.random.default_rng(0)),
+                                   1000, -5)
         assert len(longer[0]) == T + 1  # the longest window that fits
     with pytest.raises(ValueError, match="seq_len=9 is too short"):
         data.span_lengths(9)
@@ -554,15 +568,17 @@ def test_seq2seq_prepare_roundtrip_and_batches(tmp_path):
     pairs = [(f"source {i}: " + "ü" * (i % 5), f"target {i}" + "!" * (i % 3)) for i in range(45)]
     pairs[20] = ("a long source, longer than seq_len", "a long target, cut too")
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs))
-    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--seq2seq", "--name=p", f"--input={tmp_path / 'p.jsonl'}",
-                        f"--out_dir={tmp_path}", "--quiet"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--seq2seq", "--name=p",
+                        f"--input={tmp_path / 'p.jsonl'}", f"--out_dir={tmp_path}", "--quiet"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     meta = data.load_meta(tmp_path / "p")
     assert meta["seq2seq"] is True and (meta["train_docs"], meta["val_docs"]) == (84, 6)  # two documents per example
     tok, sp, eos = prepare.get_tokenizer_from_meta(meta), data.special_ids(meta["vocab_size"]), meta["sep_id"]
     T, D = 24, 12
     c = data.t5_fit(data.t5_corpus(tmp_path / "p", "val", meta, "seq2seq"), "seq2seq", T, D)
-    assert [tuple(tok.decode(a.tolist()) for a in data.seq2seq_example(c, k)) for k in range(3)] == [pairs[0], pairs[20], pairs[40]]
+    assert [tuple(tok.decode(a.tolist()) for a in data.seq2seq_example(c, k)) for k in range(3)] == [
+        pairs[0], pairs[20], pairs[40]]
     train_c = data.t5_fit(data.t5_corpus(tmp_path / "p", "train", meta, "seq2seq"), "seq2seq", T)
     assert train_c["D"] == T and tok.decode(data.seq2seq_example(train_c, 41)[1].tolist()) == pairs[44][1]
     b = data.eval_batch(c, "seq2seq", T, range(4), 4)  # row 3: past the last example, example 0 again
@@ -580,15 +596,18 @@ def test_seq2seq_prepare_roundtrip_and_batches(tmp_path):
 
 def test_seq2seq_bad_jsonl_named_by_line(tmp_path):
     good = json.dumps({"source": "a", "target": "b"})
-    for name, text, match in [("missing", f'{good}\n{{"source": "a"}}\n', "missing.jsonl:2: expected a JSON object with 'source' and 'target'"),
+    for name, text, match in [("missing", f'{good}\n{{"source": "a"}}\n',
+                               "missing.jsonl:2: expected a JSON object with 'source' and 'target'"),
                               ("number", f'{good}\n\n{{"source": "a", "target": 3}}\n', "number.jsonl:3: expected"),
                               ("notjson", f"{good}\nsource, target\n", "notjson.jsonl:2: not a line of JSON")]:
         (tmp_path / f"{name}.jsonl").write_text(text)
         with pytest.raises(ValueError, match=match):
             prepare.prepare_seq2seq(name, [str(tmp_path / f"{name}.jsonl")], out_dir=tmp_path, quiet=True)
-    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--seq2seq", "--name=x", f"--input={tmp_path / 'notjson.jsonl'}",
-                        f"--out_dir={tmp_path}"], capture_output=True, text=True)
-    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "notjson.jsonl:2" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--seq2seq", "--name=x",
+                        f"--input={tmp_path / 'notjson.jsonl'}", f"--out_dir={tmp_path}"],
+                       capture_output=True, text=True)
+    assert (r.returncode != 0 and r.stderr.count("\n") == 1 and "notjson.jsonl:2" in r.stderr
+            and "Traceback" not in r.stderr)
 
 
 def _pairs(folder, split):
@@ -611,7 +630,8 @@ def test_stdlib_params_demo_task(t5_demo, monkeypatch):
     assert len({s for s, _ in ex["train"] + ex["val"]}) == len(ex["train"]) + len(ex["val"])  # each header once
     import collections
     common = collections.Counter(t for _, t in ex["train"]).most_common(1)[0][0]
-    assert sum(t == common for _, t in ex["val"]) / len(ex["val"]) < 0.05  # the most common training target: a poor guess
+    # the most common training target: a poor guess
+    assert sum(t == common for _, t in ex["val"]) / len(ex["val"]) < 0.05
     files = prepare.pystdlib_files()
     val_text = "".join(Path(f).read_text(errors="replace") for i, (_, f) in enumerate(files) if i % 20 == 0)
     assert all(s in val_text for s, _ in ex["val"] if "\n" not in s)  # split by file like pystdlib
@@ -638,11 +658,12 @@ def test_exact_match_and_copy_baselines(t5_demo):
         assert torch.equal(attn_mask, x != sp.pad)
         out = [tok.encode(answer[tok.decode(row[m][:-1].tolist())]) + [eos] for row, m in zip(x, attn_mask)]
         return torch.tensor([o + [eos] * (max_new_tokens - len(o)) for o in out])  # a finished row repeats EOS
-    net = SimpleNamespace(cfg=SimpleNamespace(n_dec_layer=2, block_size=512), tok_emb=SimpleNamespace(weight=torch.zeros(1)),
-                          generate=generate)
+    net = SimpleNamespace(cfg=SimpleNamespace(n_dec_layer=2, block_size=512),
+                          tok_emb=SimpleNamespace(weight=torch.zeros(1)), generate=generate)
     ckpt = dict(config=dict(data_root=str(t5_demo.parent), dataset=t5_demo.name, seq_len=64, dec_len=0), meta=meta)
     r = sample.evaluate_exact_match(net, ckpt, "val", batch_size=50)
     assert r["n"] == len(val) and r["exact_match"] == (len(val) + 1) // 2 / len(val) and r["too_long"] == 0
     assert r["baselines"]["source"] == r["baselines"]["first line"] == 0.0
-    assert [k for k in r["baselines"]][2].startswith("most common training target") and list(r["baselines"].values())[2] < 0.05
+    assert ([k for k in r["baselines"]][2].startswith("most common training target")
+            and list(r["baselines"].values())[2] < 0.05)
     assert len(calls) == -(-len(val) // 50) and calls[0][1:] == (64, sp.pad, eos, 0.0)

@@ -77,7 +77,8 @@ def dist_worker(phase, data_root, out):
         run("ddp_muon", parallel="ddp", optimizer="muon", lr_schedule="wsd")
         # meta-device init, sharded, equals a single-process init with the same seed
         cfg = tiny_cfg(data_root, out, **DIST)
-        mcfg = M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size")})
+        mcfg = M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head",
+                                                                    "block_size")})
         m = train.build_model(cfg, mcfg, train.Runtime(torch.device("cpu"), torch.float32, rank, 2, "fsdp"))
         res["init"] = full_state(m)
         res["init_local"] = {n: tuple(p.to_local().shape) for n, p in m.named_parameters()}
@@ -95,9 +96,10 @@ def dist_worker(phase, data_root, out):
     elif phase == "hf":  # init_from='hf:DIR' under FSDP: each rank reads only its own chunks
         import hf
         load, rows = hf.load_checkpoint, {}
-        hf.load_checkpoint = lambda *a: (lambda ck: rows.update({k: v.shape[0] for k, v in ck["model"].items()}) or ck)(load(*a))
-        run("hf", parallel="fsdp", init_from=f"hf:{out / 'hf_llama'}", max_iters=0, n_layer=None, n_embd=None, n_head=None,
-            n_kv_head=None, block_size=None)
+        hf.load_checkpoint = lambda *a: (lambda ck: rows.update({k: v.shape[0] for k, v in ck["model"].items()})
+                                         or ck)(load(*a))
+        run("hf", parallel="fsdp", init_from=f"hf:{out / 'hf_llama'}", max_iters=0, n_layer=None, n_embd=None,
+            n_head=None, n_kv_head=None, block_size=None)
         res["rows"] = rows
         run("hf_ckpt", parallel="fsdp", init_from=f"hf:{out / 'hf_llama'}", max_iters=1, warmup_iters=0, n_layer=None,
             n_embd=None, n_head=None, n_kv_head=None, block_size=None)  # leaves a sharded best.dcp to export
@@ -130,16 +132,20 @@ def test_distributed_matches_single_process(data_root, tmp_path):
         np.testing.assert_allclose(p1[name]["losses"], single["losses"], atol=1e-5, rtol=0, err_msg=name)
         assert_close_states(p1[name]["state"], single["state"], atol=1e-4)
     np.testing.assert_allclose(p1["fsdp_bf16"]["losses"], single["losses"], atol=5e-3, rtol=0)
-    muon = train.train(tiny_cfg(data_root, tmp_path / "single_muon", **{**DIST, "batch_size": 8}, optimizer="muon", lr_schedule="wsd"))
+    muon = train.train(tiny_cfg(data_root, tmp_path / "single_muon", **{**DIST, "batch_size": 8}, optimizer="muon",
+                                lr_schedule="wsd"))
     # Muon's Newton-Schulz runs in bf16: the all-reduce's last-bit differences flip some bf16 roundings, measured
     # measured as 3e-5 in the loss; the iteration (slope ~3.4 at 0, 5 steps) amplifies them in a matrix's small
-    # singular directions, so weights differ by up to ~2% of a small matrix's norm after 6 steps: the losses are compared
+    # singular directions, so weights differ by up to ~2% of a small matrix's norm after 6 steps: the losses are
+    # compared
     np.testing.assert_allclose(p1["ddp_muon"]["losses"], muon["train_losses"], atol=1e-4, rtol=0)
     assert not np.allclose(muon["train_losses"], single["losses"])  # (Muon did step differently from AdamW)
-    assert p1["rope_dtypes"] == ["(torch.bfloat16, torch.float32)"]  # bf16 activations, RoPE tables kept fp32  # bf16 compute, fp32 master weights and reduction: measured within 2.3e-3
+    # bf16 activations, RoPE tables kept fp32  # bf16 compute, fp32 master weights and reduction: measured within 2.3e-3
+    assert p1["rope_dtypes"] == ["(torch.bfloat16, torch.float32)"]
 
     # initialisation: sharded on meta, materialised, equal to single-process init; each rank holds half
-    init = M.Transformer(M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size")}))
+    init = M.Transformer(M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head",
+                                                                              "n_kv_head", "block_size")}))
     init.init_weights(DIST.get("seed", train.DEFAULTS["seed"]))
     assert_close_states(p1["init"], init.state_dict(), atol=0)
     assert p1["init_local"]["blocks.0.attn.kv.weight"] == (32, 64)  # 64 rows of K and V, split across 2 ranks
@@ -159,7 +165,8 @@ def test_distributed_matches_single_process(data_root, tmp_path):
     assert fsdp_resumed == p1["fsdp"]["losses"]  # exact, bit for bit
     assert_close_states(p2["fsdp_ckpt"]["state"], p1["fsdp"]["state"], atol=0)
     np.testing.assert_allclose(p2["single_to_fsdp"]["losses"], single["losses"][3:], atol=1e-5, rtol=0)
-    ws1 = train.train(tiny_cfg(data_root, tmp_path / "fsdp_ckpt_ws1", **{**DIST, "batch_size": 8, "init_from": "resume"}))
+    ws1 = train.train(tiny_cfg(data_root, tmp_path / "fsdp_ckpt_ws1", **{**DIST, "batch_size": 8,
+                                                                         "init_from": "resume"}))
     np.testing.assert_allclose(ws1["train_losses"], single["losses"][3:], atol=1e-5, rtol=0)
 
 
@@ -167,8 +174,9 @@ def test_distributed_matches_single_process(data_root, tmp_path):
 def test_hf_import_under_fsdp_reads_only_local_shards(data_root, tmp_path):
     t = hf_libs()
     torch.manual_seed(0)
-    ref = perturb(t.LlamaForCausalLM(t.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)))
+    ref = perturb(t.LlamaForCausalLM(t.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                   max_position_embeddings=64)))
     ref.save_pretrained(tmp_path / "hf_llama")
     single, _ = from_hf(tmp_path / "hf_llama")
     p = torchrun("hf", data_root, tmp_path)
@@ -216,7 +224,8 @@ T5_DIST = dict(batch_size=2, gradient_accumulation_steps=2, max_iters=4, eval_in
 def t5_dist_worker(data_root, out):
     modes_worker(lambda o, **kw: t5_cfg(data_root, o, **T5_DIST, **kw),
                  lambda s: {"losses": s["train_losses"], "evals": s["evals"],
-                            "sharded": sum(type(b).__name__.startswith("FSDP") for b in [*s["model"].blocks, *s["model"].dec_blocks])},
+                            "sharded": sum(type(b).__name__.startswith("FSDP")
+                                           for b in [*s["model"].blocks, *s["model"].dec_blocks])},
                  out, "t5_dist.pt")
 
 
@@ -225,7 +234,8 @@ def test_t5_distributed_matches_single_process(data_root, tmp_path):
     one = train.train(t5_cfg(data_root, tmp_path / "single", **{**T5_DIST, "batch_size": 4}))  # same global batch
     run_ranks("dist_t5", data_root, tmp_path)
     res = torch.load(tmp_path / "t5_dist.pt", weights_only=True)
-    assert res["fsdp"]["sharded"] == T5_CFG["n_layer"] + M.PRESETS["t5-tiny"]["n_dec_layer"] and res["ddp"]["sharded"] == 0
+    assert (res["fsdp"]["sharded"] == T5_CFG["n_layer"] + M.PRESETS["t5-tiny"]["n_dec_layer"]
+            and res["ddp"]["sharded"] == 0)
     for name in ("ddp", "fsdp"):
         np.testing.assert_allclose(res[name]["losses"], one["train_losses"], atol=1e-5, rtol=0, err_msg=name)
         np.testing.assert_allclose([v for _, v in res[name]["evals"]], [v for _, v in one["evals"]], atol=1e-5, rtol=0)

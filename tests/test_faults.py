@@ -135,7 +135,8 @@ def test_nonfinite_steps_are_skipped_then_stop(data_root, tmp_path, monkeypatch)
     nan_after(monkeypatch, 4)
     with pytest.raises(train.UserError, match=r"stopping at step 7: 4 non-finite steps in a row at lr .*last good "
                                            r"checkpoint is .*ckpt-0000006.pt"):
-        train.train(tiny_cfg(data_root, tmp_path / "stop", max_iters=20, checkpoint_interval=3, max_bad_steps=4, **common))
+        train.train(tiny_cfg(data_root, tmp_path / "stop", max_iters=20, checkpoint_interval=3, max_bad_steps=4,
+                             **common))
 
 
 def test_disk_full_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch):
@@ -148,7 +149,8 @@ def test_disk_full_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real_save(obj, f)
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    with pytest.raises(OSError, match=r"could not write checkpoint ckpt-0000010 .*No space left.*ckpt-0000005.pt is intact"):
+    with pytest.raises(OSError, match=r"could not write checkpoint ckpt-0000010 .*No space left"
+                                      r".*ckpt-0000005.pt is intact"):
         train.train(tiny_cfg(data_root, tmp_path, max_iters=20, eval_interval=5))
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "ckpt-0000005.pt", "log.jsonl"]
@@ -238,13 +240,17 @@ def bad_inputs(data_root, tmp):
             json.dumps({k: v for k, v in meta.items() if not k.endswith("_max_id")}))
     return [
         ("missing data folder", dict(dataset="nope"), "python prepare.py"),
-        ("empty .bin", corpus("empty", lambda d: ((d / "val.bin").write_bytes(b""), edit_meta(d, val_tokens=0))), "is empty"),
-        ("truncated .bin", corpus("trunc", lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:999])), "truncated"),
+        ("empty .bin", corpus("empty", lambda d: ((d / "val.bin").write_bytes(b""), edit_meta(d, val_tokens=0))),
+         "is empty"),
+        ("truncated .bin",
+         corpus("trunc", lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:999])), "truncated"),
         ("meta.json missing", corpus("nometa", lambda d: (d / "meta.json").unlink()), "meta.json not found"),
         ("meta.json inconsistent", corpus("dtype", lambda d: edit_meta(d, dtype="uint32")), "truncated or stale"),
-        ("meta.json broken", corpus("broken", lambda d: (d / "meta.json").write_text("{not json")), "not valid meta.json"),
+        ("meta.json broken", corpus("broken", lambda d: (d / "meta.json").write_text("{not json")),
+         "not valid meta.json"),
         ("token id >= vocab", corpus("bigid", big_id), "token id 300 >= the model's vocab_size=257"),
-        ("token id >= vocab, old meta.json", corpus("oldmeta", lambda d: big_id(d, False)), "token id 300 >= the model's"),
+        ("token id >= vocab, old meta.json", corpus("oldmeta", lambda d: big_id(d, False)),
+         "token id 300 >= the model's"),
         ("block larger than val", dict(block_size=10 ** 6), "validation split has"),
         ("vocab smaller than data", dict(vocab_size=100), "smaller than the dataset's vocabulary"),
         ("n_embd % n_head", dict(n_embd=66), "n_embd=66 is not divisible by n_head=4"),
@@ -255,7 +261,8 @@ def bad_inputs(data_root, tmp):
         ("bad parallel", dict(parallel="tp"), "parallel='tp' is not allowed"),
         ("fsdp without torchrun", dict(parallel="fsdp"), "needs torchrun"),
         ("cuda without a GPU", dict(device="cuda"), "no CUDA device"),
-        ("bad activation checkpointing", dict(activation_checkpointing="some"), "activation_checkpointing='some' is not allowed"),
+        ("bad activation checkpointing", dict(activation_checkpointing="some"),
+         "activation_checkpointing='some' is not allowed"),
         ("resume with nothing to resume", dict(init_from="resume"), "holds no checkpoint"),
         ("missing checkpoint", dict(init_from=str(tmp / "nope.pt")), "not found"),
     ]
@@ -274,7 +281,8 @@ def test_bad_inputs_rejected_before_compute(data_root, tmp_path, monkeypatch):
     assert (cached["val_max_id"], cached["train_max_id"]) == (300, 256)
 
 
-WRONG_TYPE = {int: "x", float: "x", str: None, bool: "maybe"}  # a value of another type for each kind (str takes any text)
+# a value of another type for each kind (str takes any text)
+WRONG_TYPE = {int: "x", float: "x", str: None, bool: "maybe"}
 
 
 def bad_values(key):
@@ -302,7 +310,8 @@ def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkey
         status, err = main_fails([f"--{key}={value}"], data_root, tmp_path, monkeypatch, capsys)
         assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and f"{key}=" in err, (key, value, err)
     cross = [  # rules across keys, and what only setup or the model can tell
-        (["--warmup_iters=50", "--max_iters=20"], "warmup_iters"), (["--warmup_iters=9", "--lr_decay_iters=8"], "warmup_iters"),
+        (["--warmup_iters=50", "--max_iters=20"], "warmup_iters"),
+        (["--warmup_iters=9", "--lr_decay_iters=8"], "warmup_iters"),
         (["--min_lr=0.1", "--learning_rate=0.01"], "min_lr"), (["--seq_len=64"], "seq_len"),
         (["--max_iters=0"], "max_iters=0"), (["--init_from=resume"], "init_from='resume'"),
         (["--model=bert-tiny"], "objective='clm'"), (["--n_embd=30", "--n_head=4"], "n_embd=30"),
@@ -332,14 +341,16 @@ def test_seq_len_past_a_checkpoints_block_size_is_one_line(data_root, tmp_path, 
     train.train(tiny_cfg(data_root, tmp_path / "a", block_size=32, max_iters=2, eval_interval=2, warmup_iters=0))
     capsys.readouterr()
     status = train.main([f"--data_root={data_root}", f"--out_dir={tmp_path / 'b'}", "--device=cpu", "--threads=1",
-                         f"--init_from={tmp_path / 'a' / 'best.pt'}", "--seq_len=64", "--max_iters=2", "--warmup_iters=0"])
+                         f"--init_from={tmp_path / 'a' / 'best.pt'}", "--seq_len=64", "--max_iters=2",
+                         "--warmup_iters=0"])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and "seq_len=64 is longer than the model's block_size=32" in err, err
     assert not (tmp_path / "b").exists()
 
 
 def test_cli_error_is_one_line_and_oom_is_named(data_root, tmp_path, monkeypatch, capsys):
-    r = subprocess.run([sys.executable, str(REPO / "train.py"), "--beta2=1.0"], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), "--beta2=1.0"], capture_output=True, text=True,
+                       cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "beta2=1.0" in r.stderr and "[0.0, 1.0)" in r.stderr
     assert not list(tmp_path.iterdir())  # nothing prepared, nothing written
 
@@ -347,7 +358,8 @@ def test_cli_error_is_one_line_and_oom_is_named(data_root, tmp_path, monkeypatch
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(train, "train_step", oom)
     status = train.main([f"--data_root={data_root}", f"--out_dir={tmp_path / 'o'}", "--device=cpu", "--threads=1",
-                         "--n_layer=1", "--n_embd=32", "--block_size=32", "--max_iters=2", "--warmup_iters=0", "--eval_iters=1"])
+                         "--n_layer=1", "--n_embd=32", "--block_size=32", "--max_iters=2", "--warmup_iters=0",
+                         "--eval_iters=1"])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and "out of GPU memory at batch_size=8, seq_len=block_size" in err
     assert "activation_checkpointing='none'" in err and "Traceback" not in err
@@ -359,7 +371,8 @@ def test_other_clis_check_every_argument_first(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a: 1 / 0)  # nothing may be read before the checks
     cases = [(key, v) for key in sample.RULES for v in (common.constraint(sample.RULES[key])[1].bad
                                                         if common.constraint(sample.RULES[key])[1] else [])]
-    cases += [(key, WRONG_TYPE[common.constraint(r)[0]]) for key, r in sample.RULES.items() if WRONG_TYPE[common.constraint(r)[0]]]
+    cases += [(key, WRONG_TYPE[common.constraint(r)[0]]) for key, r in sample.RULES.items()
+              if WRONG_TYPE[common.constraint(r)[0]]]
     cases += [("start", f"FILE:{tmp_path / 'missing.txt'}"), ("source", f"FILE:{tmp_path / 'missing.txt'}"),
               ("ckpt", str(tmp_path / "none.pt"))]
     assert {k for k, _ in cases} == set(sample.RULES)  # every argument of sample.py
@@ -379,9 +392,9 @@ def test_other_clis_check_every_argument_first(tmp_path, monkeypatch, capsys):
     # prepare.py: every argument, one line each, nothing written
     out = tmp_path / "prep"
     bad = [["--name="], ["--name=a/b"], ["--input=nope*.txt", "--name=x"], ["--input=x.txt"], ["--tokenizer=nope"],
-           ["--out_dir=", "--name=x"], ["--workers=0"], ["--workers=two"], ["--classify=1"], ["--quiet=no"], ["--nam=x"],
-           ["--val_fraction=1.5"], ["--val_docs=0"], ["--text_field="], ["--hf_config=sample-10BT"], ["--hf_dataset=x"],
-           ["--append"], ["--seq2seq=1"], ["--classify", "--seq2seq"]]
+           ["--out_dir=", "--name=x"], ["--workers=0"], ["--workers=two"], ["--classify=1"], ["--quiet=no"],
+           ["--nam=x"], ["--val_fraction=1.5"], ["--val_docs=0"], ["--text_field="], ["--hf_config=sample-10BT"],
+           ["--hf_dataset=x"], ["--append"], ["--seq2seq=1"], ["--classify", "--seq2seq"]]
     for argv in bad:
         r = subprocess.run([sys.executable, str(REPO / "prepare.py"), f"--out_dir={out}", *argv], capture_output=True,
                            text=True, cwd=tmp_path)

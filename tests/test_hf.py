@@ -30,8 +30,9 @@ def hf_reference(arch, seed=0):
     if arch == "gpt2":
         net = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4))
     elif arch == "llama":
-        net = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+        net = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=32))
     elif arch.startswith("t5"):
         v11 = arch == "t5-v1.1"
         net = t.T5ForConditionalGeneration(t.T5Config(
@@ -41,8 +42,9 @@ def hf_reference(arch, seed=0):
         with torch.no_grad():  # unscaled, the unit-variance head gives logits ~sqrt(C): bring them to ~1, as trained
             net.lm_head.weight.mul_(0.25 if v11 else 1.0)
     else:
-        net = t.BertForPreTraining(t.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                intermediate_size=64, max_position_embeddings=32))
+        net = t.BertForPreTraining(t.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=64,
+                                                max_position_embeddings=32))
     return perturb(net.eval())
 
 
@@ -83,7 +85,8 @@ def test_hf_export_loads_in_transformers(arch, tmp_path):
     assert hf.export(m, dict(meta=meta), str(tmp_path), max_shard_bytes=shard) == hf.arch_of(m.cfg)
     assert (tmp_path / "model.safetensors.index.json").exists() == (arch == "llama")
     cls = {"bert": t.BertForPreTraining, "bert-classify": t.BertForSequenceClassification,
-           "t5": t.T5ForConditionalGeneration, "t5-v1.1": t.T5ForConditionalGeneration}.get(arch, t.AutoModelForCausalLM)
+           "t5": t.T5ForConditionalGeneration,
+           "t5-v1.1": t.T5ForConditionalGeneration}.get(arch, t.AutoModelForCausalLM)
     ref, info = cls.from_pretrained(str(tmp_path), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     x = torch.randint(0, m.cfg.vocab_size, (2, 24))
@@ -113,9 +116,11 @@ def test_hf_import_bert_model_without_heads(tmp_path):
 
 
 @pytest.mark.parametrize("style, change, match", [
-    ("llama", dict(architectures=["MistralForCausalLM"], model_type="mistral"), "architecture 'MistralForCausalLM' is not supported"),
+    ("llama", dict(architectures=["MistralForCausalLM"], model_type="mistral"),
+     "architecture 'MistralForCausalLM' is not supported"),
     ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "config.json sets rope_scaling="),
-    ("llama", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "rope_type 'default' only"),
+    ("llama", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
+     "rope_type 'default' only"),
     ("llama", dict(attention_bias=True), "config.json sets attention_bias=True, which anvil does not support"),
     ("llama", dict(sliding_window=16), "config.json sets sliding_window=16"),
     ("llama", dict(tie_word_embeddings=True), "tie_word_embeddings=true but lm_head.weight differs from the embedding"),
@@ -196,7 +201,8 @@ def test_hf_export_carries_the_tokenizer_json(tmp_path):
 
 
 def test_logits_equal_huggingface_bert():
-    transformers = pytest.importorskip("transformers", reason="transformers is optional; install it to compare with BertForPreTraining")
+    transformers = pytest.importorskip("transformers",
+                                       reason="transformers is optional; install it to compare with BertForPreTraining")
     cfg = dict(BERT_SMALL, ffn_hidden=64)
     m = bert_small(ffn_hidden=64)
     with torch.no_grad():  # large weights, non-trivial norms and biases: every mapping and the exact GELU matter

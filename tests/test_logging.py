@@ -32,13 +32,15 @@ def test_bits_per_byte_on_the_bytes_corpus(data_root, tmp_path):
 
 
 def test_bits_per_byte_on_gpt2_by_hand(gpt2, tmp_path):
-    texts = [f"# módulo {i}: ünïcode ✓ — 日本語\ndef f{i}(x):\n    return x * {i} + len('{'é' * i}')\n" * 3 for i in range(40)]
+    texts = [f"# módulo {i}: ünïcode ✓ — 日本語\ndef f{i}(x):\n    return x * {i} + len('{'é' * i}')\n" * 3
+             for i in range(40)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     folder = prepare.prepare("g", [str(tmp_path / "in.jsonl")], tokenizer="gpt2", out_dir=tmp_path / "data", quiet=True)
     val = [t for i, t in enumerate(texts) if i % prepare.VAL_EVERY == 0]
     nbytes, ntokens = sum(len(t.encode("utf-8")) for t in val), sum(len(gpt2.encode(t)) + 1 for t in val)  # + separator
     meta = data.load_meta(folder)
-    assert (meta["val_bytes"], meta["val_tokens"]) == (nbytes, ntokens) and nbytes > len("".join(val))  # bytes, not characters
+    # bytes, not characters
+    assert (meta["val_bytes"], meta["val_tokens"]) == (nbytes, ntokens) and nbytes > len("".join(val))
     # a corpus prepared before these keys: counted by decoding, once, and cached in meta.json
     Path(folder, "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if not k.endswith("_bytes")}))
     assert data.max_ids(folder) == meta == data.load_meta(folder)
@@ -51,15 +53,20 @@ def test_bits_per_byte_on_gpt2_by_hand(gpt2, tmp_path):
 
 
 def test_sample_every_logs_greedy_continuation_and_mask_fill(data_root, tmp_path):
-    s = train.train(tiny_cfg(data_root, tmp_path / "clm", max_iters=10, eval_interval=10, log_interval=5, sample_every=5))
+    s = train.train(tiny_cfg(data_root, tmp_path / "clm", max_iters=10, eval_interval=10, log_interval=5,
+                             sample_every=5))
     samples = [r for r in map(json.loads, open(tmp_path / "clm" / "log.jsonl")) if "sample" in r]
     assert [r["step"] for r in samples] == [5, 10]
-    prompt = torch.from_numpy(data.load_split(data_root / "pystdlib", "val")[:logger.SAMPLE_PROMPT].astype(np.int64))[None]
-    out = s["model"].eval().generate(prompt, logger.SAMPLE_TOKENS, temperature=0, use_cache=False)[0].tolist()  # the final model
+    prompt = torch.from_numpy(data.load_split(data_root / "pystdlib", "val")[:logger.SAMPLE_PROMPT]
+                              .astype(np.int64))[None]
+    out = s["model"].eval().generate(prompt, logger.SAMPLE_TOKENS, temperature=0,
+                                     use_cache=False)[0].tolist()  # the final model
     tok = prepare.get_tokenizer("bytes")
-    assert samples[-1]["sample"] == f"{tok.decode(out[:32])!r} -> {tok.decode(out[32:])!r}" and out[:32] == prompt[0].tolist()
+    assert (samples[-1]["sample"] == f"{tok.decode(out[:32])!r} -> {tok.decode(out[32:])!r}"
+            and out[:32] == prompt[0].tolist())
     # BERT: the first validation pair, its masked tokens filled in, scored against the truth
-    s = train.train(tiny_cfg(data_root, tmp_path / "mlm", **{**BERT_CFG, "batch_size": 4, "eval_iters": 1, "warmup_iters": 2},
+    s = train.train(tiny_cfg(data_root, tmp_path / "mlm",
+                             **{**BERT_CFG, "batch_size": 4, "eval_iters": 1, "warmup_iters": 2},
                              max_iters=4, eval_interval=4, sample_every=4))
     sample = [r for r in map(json.loads, open(tmp_path / "mlm" / "log.jsonl")) if "sample" in r][0]["sample"]
     meta = data.load_meta(data_root / "pystdlib")
@@ -119,7 +126,8 @@ def test_wandb_sink_offline_same_records_and_resume(data_root, tmp_path, monkeyp
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    for run, part in zip(runs, (log[:6], log[6:])):  # provenance, val 0, train 2, val 2, train 4, val 4 | provenance, train 6...
+    # provenance, val 0, train 2, val 2, train 4, val 4 | provenance, train 6...
+    for run, part in zip(runs, (log[:6], log[6:])):
         config, rows = _wandb_history(run)
         assert config["learning_rate"] == cfg["learning_rate"] and config["torch"] == torch.__version__
         by_step = {}
@@ -131,12 +139,14 @@ def test_wandb_sink_offline_same_records_and_resume(data_root, tmp_path, monkeyp
 def test_tensorboard_sink_same_records(data_root, tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    train.train(tiny_cfg(data_root, tmp_path, max_iters=6, eval_interval=3, log_interval=2, tensorboard_dir=str(tmp_path / "tb")))
+    train.train(tiny_cfg(data_root, tmp_path, max_iters=6, eval_interval=3, log_interval=2,
+                         tensorboard_dir=str(tmp_path / "tb")))
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0}).Reload()
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     for key in ("loss", "lr", "tok_s", "val_loss", "val_bpb"):
         want = [(r["step"], r[key]) for r in log if key in r]
-        assert [(e.step, e.value) for e in events.Scalars(key)] == [(k, pytest.approx(v, rel=1e-6)) for k, v in want], key
+        assert [(e.step, e.value) for e in events.Scalars(key)] == [(k, pytest.approx(v, rel=1e-6))
+                                                                    for k, v in want], key
     assert len(want) == 3 and "provenance/text_summary" in events.Tags()["tensors"]
 
 
@@ -146,7 +156,8 @@ def test_sinks_rank_0_only_and_missing_package_named(data_root, tmp_path, monkey
         assert sinks == []
     assert list(tmp_path.iterdir()) == []
     real = logger.importlib.util.find_spec
-    monkeypatch.setattr(logger.importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "tensorboard") else real(name, *a))
+    monkeypatch.setattr(logger.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("wandb", "tensorboard") else real(name, *a))
     for arg, package in (("--wandb_log=True", "wandb"), (f"--tensorboard_dir={tmp_path / 'tb'}", "tensorboard")):
         status, err = main_fails([arg], data_root, tmp_path, monkeypatch, capsys)
         assert status == 2 and err.count("\n") == 1 and f"pip install {package}" in err
@@ -154,10 +165,12 @@ def test_sinks_rank_0_only_and_missing_package_named(data_root, tmp_path, monkey
 
 def _two_runs(data_root, root):
     for name, lr in (("a", 3e-3), ("b", 1e-3)):
-        train.train(tiny_cfg(data_root, root / name, max_iters=10, eval_interval=5, log_interval=2, learning_rate=lr, min_lr=1e-4))
+        train.train(tiny_cfg(data_root, root / name, max_iters=10, eval_interval=5, log_interval=2, learning_rate=lr,
+                             min_lr=1e-4))
     with open(root / "b" / "log.jsonl", "a") as f:
         f.write('{"step": 12, "loss": 2.1')  # a run killed mid-write
-    return [[json.loads(line) for line in (root / name / "log.jsonl").read_text().splitlines()[:n]] for name, n in (("a", None), ("b", -1))]
+    return [[json.loads(line) for line in (root / name / "log.jsonl").read_text().splitlines()[:n]]
+            for name, n in (("a", None), ("b", -1))]
 
 
 def test_plot_two_runs_one_torn(data_root, tmp_path):
@@ -178,7 +191,8 @@ def test_plot_two_runs_one_torn(data_root, tmp_path):
         assert list(line.get_xdata()) == [r["step"] for r in train_recs] == [2, 4, 6, 8, 10]
         assert line.get_ydata()[0] == pytest.approx(train_recs[0]["loss"])
     val_lines = [ln for ln in time_ax.get_lines() if ln.get_marker() == "o"]
-    assert [list(ln.get_xdata()) for ln in val_lines] == [[r["elapsed_s"] / 60 for r in log if "val_loss" in r] for log in logs]
+    assert [list(ln.get_xdata()) for ln in val_lines] == [[r["elapsed_s"] / 60 for r in log if "val_loss" in r]
+                                                          for log in logs]
     import matplotlib.pyplot as plt
     plt.close(fig)
 
@@ -186,8 +200,10 @@ def test_plot_two_runs_one_torn(data_root, tmp_path):
 def test_plot_reads_a_resumed_log_as_one_run(tmp_path):
     import plot
     prov = lambda init: {"torch": "x", "config": {"init_from": init, "learning_rate": 1e-3}}
-    lines = [prov("scratch")] + [{"step": k, "loss": 5 - k / 10, "elapsed_s": k} for k in range(0, 31, 10)]  # killed at 30
-    lines += [prov("resume")] + [{"step": k, "loss": 4 - k / 10, "elapsed_s": k - 19} for k in (30, 40)]  # from a checkpoint at 20
+    # killed at 30
+    lines = [prov("scratch")] + [{"step": k, "loss": 5 - k / 10, "elapsed_s": k} for k in range(0, 31, 10)]
+    # from a checkpoint at 20
+    lines += [prov("resume")] + [{"step": k, "loss": 4 - k / 10, "elapsed_s": k - 19} for k in (30, 40)]
     lines += [{"step": 40, "val_loss": 1.0, "elapsed_s": 22}, {"step": 40, "sample": "x"}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + "{torn")
     p, train_recs, val_recs = plot.read_log(tmp_path / "log.jsonl")
@@ -203,7 +219,8 @@ def test_plot_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert plot.main([str(tmp_path)]) == 2 and "no log.jsonl at" in capsys.readouterr().err
     (tmp_path / "log.jsonl").write_text(json.dumps({"torch": "x", "config": {}}) + "\n")
     assert plot.main([str(tmp_path)]) == 2 and "holds no records of a run yet" in capsys.readouterr().err
-    (tmp_path / "log.jsonl").write_text(json.dumps({"torch": "x", "config": {}}) + "\n" + json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    (tmp_path / "log.jsonl").write_text(json.dumps({"torch": "x", "config": {}}) + "\n"
+                                        + json.dumps({"step": 1, "loss": 2.0}) + "\n")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
     assert plot.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err

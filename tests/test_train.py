@@ -80,8 +80,10 @@ def test_device_and_dtype_resolution():
         ("1 gpu", "single"): ["cuda:0", "cpu", "cuda:0", "there are 1", "MPS is not available"],
         ("2 gpus", "single"): ["cuda:0", "cpu", "cuda:0", "cuda:1", "MPS is not available"],
         ("mac", "single"): ["mps", "cpu", "no CUDA device", "no CUDA device", "mps"],
-        ("cpu only", "ddp/fsdp rank 1 of 2"): ["cpu", "cpu", "no CUDA device", "no CUDA device", "MPS is not available"],
-        ("1 gpu", "ddp/fsdp rank 1 of 2"): ["there are 1", "cpu", "there are 1", "names one GPU", "MPS is not available"],
+        ("cpu only", "ddp/fsdp rank 1 of 2"): ["cpu", "cpu", "no CUDA device", "no CUDA device",
+                                               "MPS is not available"],
+        ("1 gpu", "ddp/fsdp rank 1 of 2"): ["there are 1", "cpu", "there are 1", "names one GPU",
+                                            "MPS is not available"],
         ("2 gpus", "ddp/fsdp rank 1 of 2"): ["cuda:1", "cpu", "cuda:1", "names one GPU", "MPS is not available"],
         ("mac", "ddp/fsdp rank 1 of 2"): ["mps", "cpu", "no CUDA device", "no CUDA device", "mps"],
     }
@@ -135,15 +137,20 @@ def test_recipe_configs_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # configs name relative out_dir and init_from paths
     monkeypatch.setattr(logger, "peak_flops", lambda *a: (1e12, "not measured"))  # saves a second per run
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 8,
-                                                           "label": "even" if i % 2 else "odd"}) + "\n" for i in range(40)))
+                                                           "label": "even" if i % 2 else "odd"}) + "\n"
+                                               for i in range(40)))
     plain = Path(prepare.prepare("plain", [str(tmp_path / "in.jsonl")], out_dir=tmp_path / "data", quiet=True))
-    labelled = Path(prepare.prepare_classify("labelled", [str(tmp_path / "in.jsonl")], out_dir=tmp_path / "data", quiet=True))
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"source": f"def f{i}(x, y{i}):", "target": f"x y{i}"}) + "\n" for i in range(400)))
-    pairs = Path(prepare.prepare_seq2seq("pairs", [str(tmp_path / "pairs.jsonl")], out_dir=tmp_path / "data", quiet=True))
+    labelled = Path(prepare.prepare_classify("labelled", [str(tmp_path / "in.jsonl")], out_dir=tmp_path / "data",
+                                             quiet=True))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"source": f"def f{i}(x, y{i}):", "target": f"x y{i}"})
+                                                  + "\n" for i in range(400)))
+    pairs = Path(prepare.prepare_seq2seq("pairs", [str(tmp_path / "pairs.jsonl")], out_dir=tmp_path / "data",
+                                         quiet=True))
     small = dict(n_layer=1, n_head=2, n_kv_head=0, n_embd=32, ffn_hidden=0, block_size=64)
-    steps = dict(seq_len=0, max_iters=2, eval_interval=2, eval_iters=1, warmup_iters=1, log_interval=1, batch_size=2, device="cpu",
-                 dtype="float32", compile=False, parallel="single", threads=1, data_root="data")
-    configs = sorted((REPO / "config").glob("*.py"), key=lambda p: (train.get_config([str(p)])["init_from"] != "scratch", p.name))
+    steps = dict(seq_len=0, max_iters=2, eval_interval=2, eval_iters=1, warmup_iters=1, log_interval=1, batch_size=2,
+                 device="cpu", dtype="float32", compile=False, parallel="single", threads=1, data_root="data")
+    configs = sorted((REPO / "config").glob("*.py"),
+                     key=lambda p: (train.get_config([str(p)])["init_from"] != "scratch", p.name))
     assert len(configs) >= 7
     for path in configs:
         cfg = train.get_config([str(path)])
@@ -158,8 +165,10 @@ def test_recipe_configs_run(tmp_path, monkeypatch):
         specials = data.extra_tokens(cfg["objective"])
         if scratch:  # the architecture is the preset's, the vocabulary the config's or the corpus's
             expect = {**M.PRESETS[cfg["model"]], **{k: cfg[k] for k in train.MODEL_KEYS if cfg.get(k) is not None}}
-            assert all(getattr(s["model"].cfg, k) == v for k, v in expect.items() if k not in sizes and k != "vocab_size")
-            assert s["model"].cfg.vocab_size == (cfg["vocab_size"] or data.model_vocab(257 + specials, cfg["pad_vocab_to"]))
+            assert all(getattr(s["model"].cfg, k) == v for k, v in expect.items()
+                       if k not in sizes and k != "vocab_size")
+            assert s["model"].cfg.vocab_size == (cfg["vocab_size"]
+                                                 or data.model_vocab(257 + specials, cfg["pad_vocab_to"]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,7 +244,8 @@ def test_muon_groups_and_update_match_newton_schulz(data_root, tmp_path):
         assert sorted(ids) == sorted(id(p) for p in net.parameters())  # every parameter in exactly one group
         inner = {id(p) for b in blocks_of(net) for p in b.parameters() if p.dim() == 2}
         assert {id(p) for p in muon.param_groups[0]["params"]} == inner  # the blocks' matrices, decoder's too
-        assert id(net.tok_emb.weight) in {id(p) for p in adamw.param_groups[0]["params"]}  # embeddings (and head): AdamW
+        # embeddings (and head): AdamW
+        assert id(net.tok_emb.weight) in {id(p) for p in adamw.param_groups[0]["params"]}
     train.set_lr([adamw, muon], cfg, 1.5e-3)  # half of learning_rate: Muon's lr is halved too
     assert adamw.param_groups[0]["lr"] == 1.5e-3 and muon.param_groups[0]["lr"] == 0.01
     w = net.dec_blocks[0].mlp.up  # (ffn_hidden, C): taller than wide
@@ -252,7 +262,8 @@ def test_muon_groups_and_update_match_newton_schulz(data_root, tmp_path):
 
 
 def test_wsd_schedule_and_extending_a_resumed_run(data_root, tmp_path):
-    cfg = dict(train.DEFAULTS, lr_schedule="wsd", learning_rate=1.0, min_lr=0.0, warmup_iters=10, max_iters=100, decay_frac=0.2)
+    cfg = dict(train.DEFAULTS, lr_schedule="wsd", learning_rate=1.0, min_lr=0.0, warmup_iters=10, max_iters=100,
+               decay_frac=0.2)
     lr = [train.get_lr(cfg, i) for i in range(101)]
     assert lr[:10] == [(i + 1) / 10 for i in range(10)] and set(lr[10:80]) == {1.0}  # warmup, then stable
     assert lr[80:] == [(100 - i) / 20 for i in range(80, 100)] + [0.0]  # linear to zero over the last 20%
@@ -269,11 +280,14 @@ def test_wsd_schedule_and_extending_a_resumed_run(data_root, tmp_path):
     assert short["train_losses"][6:] != ext["train_losses"][:6]  # (the short run decayed from step 9)
     a, b = full["model"].state_dict(), ext["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ca, cb = (torch.load(tmp_path / d / "ckpt-0000016.pt", weights_only=True)["optimizer"]["state"] for d in ("full", "ext"))
-    assert "momentum_buffer" in ca["blocks.0.attn.q.weight"] and "exp_avg" in ca["tok_emb.weight"]  # both optimizers' state
+    ca, cb = (torch.load(tmp_path / d / "ckpt-0000016.pt", weights_only=True)["optimizer"]["state"]
+              for d in ("full", "ext"))
+    # both optimizers' state
+    assert "momentum_buffer" in ca["blocks.0.attn.q.weight"] and "exp_avg" in ca["tok_emb.weight"]
     assert all(torch.equal(v, cb[name][k]) for name, st in ca.items() for k, v in st.items())
     with pytest.raises(common.UserError, match="trained with optimizer='muon'"):
-        train.train(tiny_cfg(data_root, tmp_path / "ext", **{**run, "optimizer": "adamw"}, max_iters=20, init_from="resume"))
+        train.train(tiny_cfg(data_root, tmp_path / "ext", **{**run, "optimizer": "adamw"}, max_iters=20,
+                             init_from="resume"))
 
 
 def test_train_leaves_config_and_signal_handlers_as_found(data_root, tmp_path, monkeypatch):
@@ -319,7 +333,8 @@ def test_metric_sums_no_graph_break():
     K = M.mlm_slots(T)
     for head, logits in (("lm", torch.randn(B, T, V)), ("classify", torch.randn(B, 4)),
                          ("mlm_nsp", (torch.randn(B, K, V), torch.randn(B, 2)))):
-        e = torch._dynamo.explain(data.metric_sums)(head, logits, torch.tensor(2.0), dict(idx=x, targets=t, labels=labels))
+        e = torch._dynamo.explain(data.metric_sums)(head, logits, torch.tensor(2.0),
+                                                    dict(idx=x, targets=t, labels=labels))
         assert e.graph_count == 1 and e.graph_break_count == 0, (head, e.break_reasons)
     torch._dynamo.reset()
 
@@ -342,7 +357,8 @@ def test_checkpoint_contents(data_root, tmp_path):
     # provenance: in the checkpoint and as the first record of log.jsonl, with the resolved config
     prov = ck["provenance"]
     assert (prov["torch"], prov["world"], prov["device_name"].split()[0]) == (torch.__version__, 1, "cpu")
-    assert (prov["config"]["device"], prov["config"]["dtype"], prov["config"]["parallel"]) == ("cpu", "float32", "single")
+    assert (prov["config"]["device"], prov["config"]["dtype"], prov["config"]["parallel"]) == ("cpu", "float32",
+                                                                                               "single")
     assert prov["config"]["compile"] is False and prov["config"]["max_iters"] == 10
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     assert prov["git"] is None if head.returncode else prov["git"].startswith(head.stdout.strip())
@@ -408,7 +424,8 @@ def test_sample_cli(data_root, tmp_path):
     assert r.returncode == 0, r.stderr
     samples = [s for s in r.stdout.split("\n") if s.startswith("def ")]
     assert len(samples) == 2 and samples[0] == samples[1]  # greedy: the same both times
-    r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={tmp_path / 'nope.pt'}"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={tmp_path / 'nope.pt'}"],
+                       capture_output=True, text=True)
     assert r.returncode != 0 and "no checkpoint in" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -432,7 +449,8 @@ def test_mlm_nsp_learns_on_pystdlib(data_root, bert_pretrained):
     p = np.bincount(t[t != -1]) / (t != -1).sum()
     baseline, entropy = p.max(), -(p[p > 0] * np.log(p[p > 0])).sum()  # always a space (~35%); unigram (~3.1 nats)
     # measured: NSP 0.72; MLM 0.39 (~2,300 predictions, so +0.03 is 3 standard errors), loss 2.45
-    assert m["nsp_acc"] > 0.6 and m["mlm_acc"] > baseline + 0.03 and m["mlm_loss"] < entropy - 0.4, (m, baseline, entropy)
+    assert m["nsp_acc"] > 0.6 and m["mlm_acc"] > baseline + 0.03 and m["mlm_loss"] < entropy - 0.4, (m, baseline,
+                                                                                                      entropy)
     assert s["evals"][0][1] > 6.0 and s["evals"][-1][1] == pytest.approx(m["mlm_loss"] + m["nsp_loss"])
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert {"mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc"} <= set(log[-2]) and "val_nsp_acc" in log[-1]
@@ -455,7 +473,8 @@ def test_adapt_heads_for_finetuning():
     state = data.adapt_heads(pre.state_dict(), cls, seed=0)
     assert set(state) == set(cls.state_dict())  # MLM / NSP heads dropped, the new head from its init
     assert torch.equal(state["cls_head.weight"], cls.init_tensor("cls_head.weight", (3, 32), 0))
-    assert torch.equal(state["pooler.weight"], pre.pooler.weight) and torch.equal(state["blocks.0.attn.q.weight"], pre.blocks[0].attn.q.weight)
+    assert (torch.equal(state["pooler.weight"], pre.pooler.weight)
+            and torch.equal(state["blocks.0.attn.q.weight"], pre.blocks[0].attn.q.weight))
     bad = dict(pre.state_dict(), **{"blocks.9.attn.q.weight": torch.zeros(1)})  # not a head: kept, for the strict check
     assert "blocks.9.attn.q.weight" in data.adapt_heads(bad, cls)
 
@@ -464,7 +483,7 @@ def test_adapt_heads_for_finetuning():
 def test_finetune_classifier_from_pretrained(data_root, bert_pretrained, tmp_path):
     _, out = bert_pretrained
     ft = dict(objective="classify", dataset=prepare.CLASSIFY_DEMO, block_size=None, batch_size=32, max_iters=150,
-              eval_interval=150, eval_iters=70, learning_rate=2e-3, warmup_iters=10)  # 70 x 32 rows: the whole val split
+              eval_interval=150, eval_iters=70, learning_rate=2e-3, warmup_iters=10)  # 70 x 32 rows: all of val
     s = train.train(tiny_cfg(data_root, tmp_path / "ft", init_from=str(out / "best.pt"), **ft))
     meta = data.load_meta(data_root / prepare.CLASSIFY_DEMO)
     labels = np.load(data_root / prepare.CLASSIFY_DEMO / "val_labels.npy")
@@ -478,9 +497,11 @@ def test_finetune_classifier_from_pretrained(data_root, bert_pretrained, tmp_pat
     s0 = train.train(tiny_cfg(data_root, tmp_path / "ft0", init_from=str(out / "best.pt"), **{**ft, "max_iters": 0}))
     assert torch.equal(s0["model"].blocks[1].mlp.up.weight, pre["model"]["blocks.1.mlp.up.weight"])
     assert torch.equal(s0["model"].pooler.weight, pre["model"]["pooler.weight"])
-    assert torch.equal(s0["model"].cls_head.weight, s0["model"].init_tensor("cls_head.weight", (len(meta["labels"]), 64), 1337))
+    assert torch.equal(s0["model"].cls_head.weight, s0["model"].init_tensor("cls_head.weight",
+                                                                            (len(meta["labels"]), 64), 1337))
     # the same fine-tune from random initialisation runs too (the comparison the note reports)
-    sc = train.train(tiny_cfg(data_root, tmp_path / "sc", model="bert-tiny", **{**ft, "max_iters": 10, "eval_interval": 10}))
+    sc = train.train(tiny_cfg(data_root, tmp_path / "sc", model="bert-tiny",
+                              **{**ft, "max_iters": 10, "eval_interval": 10}))
     assert sc["model"].cfg.head == "classify" and 0 <= sc["metrics"]["acc"] <= 1
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={tmp_path / 'ft'}", "--start=import codecs"],
                        capture_output=True, text=True)
@@ -497,7 +518,8 @@ def test_label_fraction_subsets(data_root, tmp_path):
     assert np.array_equal(subsets[1.0, 1], np.arange(4030))  # all, in order: the default draws as before
     for seed in (1, 2):  # nested: the 1% inside the 10%, the first ceil(f * n) of one permutation per seed
         assert set(subsets[0.01, seed]) < set(subsets[0.1, seed]) and len(set(subsets[0.1, seed])) == 403
-    assert np.array_equal(data.label_subset(4030, 0.1, 1), subsets[0.1, 1]) and set(subsets[0.1, 1]) != set(subsets[0.1, 2])
+    assert (np.array_equal(data.label_subset(4030, 0.1, 1), subsets[0.1, 1])
+            and set(subsets[0.1, 1]) != set(subsets[0.1, 2]))
     # training rows come from the subset only, the validation rows from all
     folder = data_root / prepare.CLASSIFY_DEMO
     if not (folder / "meta.json").exists():
@@ -521,19 +543,24 @@ def test_finetune_grid_table(data_root, bert_pretrained, tmp_path, capsys):
     import finetune_grid
     _, out = bert_pretrained
     status = finetune_grid.main([f"--ckpt={out / 'best.pt'}", "--seeds=1", "--workers=2", f"--out_dir={tmp_path}",
-                                 f"--json={tmp_path / 'grid.json'}", f"--data_root={data_root}", "--device=cpu", "--seq_len=64",
-                                 "--batch_size=8", "--max_iters=3", "--warmup_iters=1", "--eval_iters=2", "--log_interval=100"])
+                                 f"--json={tmp_path / 'grid.json'}", f"--data_root={data_root}", "--device=cpu",
+                                 "--seq_len=64", "--batch_size=8", "--max_iters=3", "--warmup_iters=1",
+                                 "--eval_iters=2", "--log_interval=100"])
     text = capsys.readouterr().out
     assert status == 0, text
     table = text[text.index("fine-tune grid:"):].splitlines()
-    assert "every run: 3 steps of batch 8 x 64 tokens" in table[0] and table[1].split()[:3] == ["init", "labels", "steps"]
+    assert ("every run: 3 steps of batch 8 x 64 tokens" in table[0]
+            and table[1].split()[:3] == ["init", "labels", "steps"])
     n = data.load_meta(data_root / prepare.CLASSIFY_DEMO)["train_docs"]
-    for row, (init, pct, k) in zip(table[2:8], [(i, p, k) for p, k in (("1%", -(-n // 100)), ("10%", -(-n // 10)), ("100%", n))
+    for row, (init, pct, k) in zip(table[2:8], [(i, p, k)
+                                                for p, k in (("1%", -(-n // 100)), ("10%", -(-n // 10)), ("100%", n))
                                                 for i in ("pretrained", "scratch")]):
         assert row.split()[:4] == [init, pct, f"({k:,})", "3"], row
-    assert table[8].startswith("pretrained - scratch, points of mean accuracy: 1% ") and table[9].startswith("wall time:")
+    assert (table[8].startswith("pretrained - scratch, points of mean accuracy: 1% ")
+            and table[9].startswith("wall time:"))
     rows = json.loads((tmp_path / "grid.json").read_text())["rows"]
-    assert [(r["init"], r["fraction"], r["examples"]) for r in rows[:2]] == [("pretrained", 0.01, -(-n // 100)), ("scratch", 0.01, -(-n // 100))]
+    assert [(r["init"], r["fraction"], r["examples"]) for r in rows[:2]] == [("pretrained", 0.01, -(-n // 100)),
+                                                                             ("scratch", 0.01, -(-n // 100))]
     assert all(r["min"] <= r["mean"] <= r["max"] and len(r["accs"]) == 1 for r in rows)
     assert finetune_grid.main(["--fractions=0"]) == 2 and "--fractions must be in (0, 1]" in capsys.readouterr().err
 
@@ -570,8 +597,10 @@ def test_sample_fills_masks(bert_pretrained):
 def test_sample_source_needs_an_encoder_decoder(bert_pretrained):
     _, out = bert_pretrained
     for arg in ("--source=def f(a, b):", "--exact_match=val"):
-        r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out / 'best.pt'}", arg], capture_output=True, text=True)
-        assert r.returncode == 2 and "need an encoder-decoder checkpoint" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out / 'best.pt'}", arg],
+                           capture_output=True, text=True)
+        assert (r.returncode == 2 and "need an encoder-decoder checkpoint" in r.stderr
+                and r.stderr.count("\n") == 1), r.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -584,7 +613,8 @@ def test_t5_objectives_need_an_encoder_decoder(data_root, tmp_path):
         train.train(t5_cfg(data_root, tmp_path, objective="clm"))
     with pytest.raises(ValueError, match="dec_len=8 is the decoder's length, which objective='clm' has not"):
         train.train(tiny_cfg(data_root, tmp_path, dec_len=8))
-    with pytest.raises(ValueError, match="dec_len=13 is shorter than the 14 target tokens of span corruption at seq_len=64"):
+    with pytest.raises(ValueError,
+                       match="dec_len=13 is shorter than the 14 target tokens of span corruption at seq_len=64"):
         train.train(t5_cfg(data_root, tmp_path, dec_len=13))
     with pytest.raises(ValueError, match="not a seq2seq corpus"):
         train.train(t5_cfg(data_root, tmp_path, objective="seq2seq"))
@@ -605,7 +635,8 @@ def test_t5_exact_resume(data_root, t5_demo, tmp_path, objective):
     assert all(torch.equal(a[k], b[k]) for k in a) and full["metrics"] == rest["metrics"]
 
 
-T5_DEMO_RUN = dict(batch_size=32, max_iters=300, eval_interval=150, eval_iters=7, warmup_iters=30, learning_rate=3e-3, min_lr=3e-4)
+T5_DEMO_RUN = dict(batch_size=32, max_iters=300, eval_interval=150, eval_iters=7, warmup_iters=30, learning_rate=3e-3,
+                   min_lr=3e-4)
 
 
 @pytest.fixture(scope="session")
@@ -624,12 +655,13 @@ def test_t5_demo_task_beats_the_copy_baseline(t5_seq2seq):
     net, ckpt = sample.load_model(str(out / "best.pt"))
     r = sample.evaluate_exact_match(net, ckpt, "val")
     assert r["exact_match"] > max(r["baselines"].values()) + 0.05, r  # measured: 16.7% (7.4% at step 150), baselines 0%
-    res = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out}", "--exact_match=val", "--device=cpu"],
-                         capture_output=True, text=True)
+    res = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out}", "--exact_match=val",
+                          "--device=cpu"], capture_output=True, text=True)
     assert res.returncode == 0 and f"{r['exact_match']:.1%} of {r['n']} examples" in res.stdout, res.stderr
     source = "def get(self, key, default=None):"
-    res = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out}", f"--source={source}", "--device=cpu"],
-                         capture_output=True, text=True)
+    res = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--ckpt={out}", f"--source={source}",
+                          "--device=cpu"], capture_output=True, text=True)
     tok = prepare.get_tokenizer_from_meta(ckpt["meta"])
     want = tok.decode(sample.generate_targets(net, ckpt["meta"], [tok.encode(source)], 64, 300, temperature=0.0)[0])
-    assert res.returncode == 0 and res.stdout == f"{want}\n---------- sample 1\n", (res.stdout, res.stderr)  # greedy: one
+    # greedy: one
+    assert res.returncode == 0 and res.stdout == f"{want}\n---------- sample 1\n", (res.stdout, res.stderr)
