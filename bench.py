@@ -51,6 +51,7 @@ import readers
 import train
 from common import (UserError, at_least, check_value, destroy_distributed, flops_per_token, mfu, nonempty, one_of,
                     parse_config, peak_flops, provenance, rule, state_bytes, unsharded_grads, usage)
+from parallelize import blocks_of
 
 OPTIONS = dict(steps=10, warmup=3, synthetic=False, compare=None, json=None, profile=None, peak_tflops=None,
                estimate=None, gpus=1, prepare=None)
@@ -106,18 +107,22 @@ def recipes():
 # memory estimate: arithmetic only, per GPU (per process), in bytes
 
 def count_params(mcfg):
-    """(all parameters, one block's, one decoder block's or 0), counted on the meta device: nothing is allocated."""
+    """(all parameters, one block's, one decoder block's or 0, those of the nn.Linear layers outside the blocks: the
+    heads, the only ones there that autocast casts), counted on the meta device: nothing is allocated."""
     with torch.device("meta"):
         m = M.from_config(mcfg)
     dec = sum(p.numel() for p in m.dec_blocks[0].parameters()) if mcfg.n_dec_layer else 0
-    return m.num_params(), sum(p.numel() for p in m.blocks[0].parameters()), dec
+    inner = {id(p) for block in blocks_of(m) for p in block.parameters()}
+    heads = sum(p.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear)
+                for p in mod.parameters() if id(p) not in inner)
+    return m.num_params(), sum(p.numel() for p in m.blocks[0].parameters()), dec, heads
 
 
 def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activation_checkpointing, unsharded_grads=False):
     """Bytes per GPU (per process) for train.py's setup: fp32 master weights and gradients, AdamW's two
     fp32 states, activations at the per-GPU batch and sequence length, and other buffers; `total` is
     the estimated peak. activation_checkpointing: 'none'/'full' (or False/True)."""
-    n, n_block, n_dec = count_params(mcfg)
+    n, n_block, n_dec, n_heads = count_params(mcfg)
     n_rest = n - mcfg.n_layer * n_block - mcfg.n_dec_layer * n_dec  # embeddings, final norm, LM head (FSDP's root unit)
     e = (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize  # compute dtype bytes
     ckpt = activation_checkpointing in (True, "full")
@@ -154,11 +159,14 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
     else:  # the plain path: final norm, LM-head input, logits (kept by the caller), the fp32 log-softmax,
         # and at the start of backward the two dense fp32 (b, s, V) gradients of the loss
         head = s * b * h * (norm + e) + s * b * V * (e + 4 + 8)
-    head += copies * n_rest
-    # full checkpointing keeps each block's fp32 input and recomputes one block at a time in backward
+    head += copies * n_heads  # the heads' weights, cast once (embeddings and norms are not cast)
+    # full checkpointing keeps each block's fp32 input and recomputes one block at a time in backward. The head's
+    # peak is in the forward pass, where autocast's cache still holds every block's weight copies; the recomputed
+    # block is in backward: they do not meet
     n_blocks = mcfg.n_layer + mcfg.n_dec_layer
-    acts = head + (n_blocks * R * s * b * h + max(layer, dec_layer) if ckpt
-                   else mcfg.n_layer * layer + mcfg.n_dec_layer * dec_layer)
+    cached = copies * (mcfg.n_layer * n_block + mcfg.n_dec_layer * n_dec)
+    acts = (n_blocks * R * s * b * h + max(layer, dec_layer, head + cached) if ckpt
+            else mcfg.n_layer * layer + mcfg.n_dec_layer * dec_layer + head)
 
     if parallel == "fsdp":  # gathered compute-dtype params of the root and two blocks (one prefetched),
         # plus the largest unit's unsharded gradient and its fp32 copy for reduce-scatter
@@ -167,8 +175,11 @@ def estimate_memory(mcfg, batch_size, seq_len, world, parallel, dtype, activatio
         buffers = 0
     out = dict(n_params=n, **state_bytes(n, world, parallel, unsharded_grads), activations=acts, buffers=buffers)
     # gradients are allocated (zero_grad sets them to None) as the backward pass frees activations, so the
-    # peak is at its start (all activations) or at the first block (nearly all gradients, one block's)
-    out["total"] = out["params"] + out["optimizer"] + buffers + max(acts, out["grads"] + max(layer, dec_layer))
+    # peak is at its start (all activations) or at the first block (nearly all gradients, one block's). DDP's
+    # buckets, which the gradients are views of, stay allocated from one step to the next: resident
+    resident = out["grads"] if parallel == "ddp" else 0
+    out["total"] = (out["params"] + out["optimizer"] + buffers + resident
+                    + max(acts, out["grads"] - resident + max(layer, dec_layer)))
     return out
 
 

@@ -451,7 +451,7 @@ def fit_examples(split, T, cfg):
 
 def classify_batch(c, rows, n_rows, seed=None, step=None):
     """Training: examples drawn from c["subset"]; validation: example i, label -1 (ignored) past the end."""
-    pick = c["subset"]
+    pick = c.get("subset", np.arange(len(c["ends"])))
     return stack([classify_row(c, c["T"], int(pick[np.random.default_rng((seed, step, i)).integers(len(pick))])
                                if seed is not None else i) for i in rows])
 

@@ -248,8 +248,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # x (N, C), weight (V, C), bias (V,) or None, targets (N,); dtype: the matmuls' (autocast's, else x's)
         N, V = x.size(0), weight.size(0)
         rows = max(1, LOSS_CHUNK_BYTES // (4 * V))
-        w = weight.to(dtype)  # cast once, as autocast casts nn.Linear's weight
-        b = bias.to(dtype) if bias is not None else None
+        w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None  # cast once, as autocast would
         grad_x = torch.empty(N, x.size(1), dtype=dtype, device=x.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)  # fp32 sum over chunks
         grad_b = torch.zeros(V, dtype=torch.float32, device=x.device) if bias is not None else None
@@ -271,6 +270,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             z = z.to(dtype)  # under autocast this frees the fp32 buffer before the matmuls
             grad_x[i:i + rows] = z @ w
             grad_w += z.t() @ xc
+            del z  # before the next chunk's logits exist
         count = (targets != -1).sum()
         ctx.save_for_backward(grad_x, grad_w, grad_b, count)
         ctx.dtypes = x.dtype, weight.dtype, bias.dtype if bias is not None else None

@@ -19,6 +19,7 @@ import common
 import data
 import hf
 import model as M
+import parallelize
 from parallelize import blocks_of
 import train
 
@@ -36,12 +37,12 @@ SMALL = {
 }
 
 
-CPU = train.Runtime(torch.device("cpu"), torch.float32)  # one process, fp32, no compile
+CPU = parallelize.Runtime(torch.device("cpu"), torch.float32)  # one process, fp32, no compile
 
 
 def small_model(style, seed=0, **kw):
     torch.manual_seed(seed)
-    return M.Transformer(M.ModelConfig(**{**SMALL[style], **kw})).eval()
+    return M.from_config(M.ModelConfig(**{**SMALL[style], **kw})).eval()
 
 
 BERT_SMALL = dict(M.PRESETS["bert-tiny"], vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)
@@ -49,7 +50,7 @@ BERT_SMALL = dict(M.PRESETS["bert-tiny"], vocab_size=101, block_size=32, n_layer
 
 def bert_small(seed=0, **kw):
     torch.manual_seed(seed)
-    return M.Transformer(M.ModelConfig(**{**BERT_SMALL, **kw})).eval()
+    return M.from_config(M.ModelConfig(**{**BERT_SMALL, **kw})).eval()
 
 
 # 30-token sources exercise the log-spaced buckets (exact below 2 or 4, log up to 20, the last one beyond)
@@ -59,7 +60,7 @@ T5_SMALL = dict(M.PRESETS["t5-tiny"], vocab_size=97, block_size=32, n_layer=2, n
 
 def t5_small(seed=0, **kw):
     torch.manual_seed(seed)
-    return M.Transformer(M.ModelConfig(**{**T5_SMALL, **kw})).eval()
+    return M.from_config(M.ModelConfig(**{**T5_SMALL, **kw})).eval()
 
 
 def t5_batch(seed=0):
@@ -105,14 +106,14 @@ def test_causality(style):
 ])
 def test_param_counts(name, count):
     with torch.device("meta"):
-        m = M.Transformer(M.config_from_preset(name))
+        m = M.from_config(M.config_from_preset(name))
     assert m.num_params() == count
 
 
 def test_all_presets_build_on_meta():
     for name in M.PRESETS:
         with torch.device("meta"):
-            m = M.Transformer(M.config_from_preset(name))
+            m = M.from_config(M.config_from_preset(name))
         assert m.num_params() > 0 and all(p.is_meta for p in m.parameters())
 
 
@@ -190,7 +191,7 @@ def test_init_is_per_parameter_and_scaled():
     a, b = small_model("llama", seed=1), small_model("llama", seed=2)  # global RNG does not matter
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
-    m = M.Transformer(M.ModelConfig(**{**SMALL["gpt2"], "n_layer": 8}))
+    m = M.from_config(M.ModelConfig(**{**SMALL["gpt2"], "n_layer": 8}))
     std_proj = m.blocks[0].attn.proj.weight.std().item()
     assert abs(std_proj - 0.02 / 4) < 0.002 and abs(m.blocks[0].attn.q.weight.std().item() - 0.02) < 0.003
     m.init_weights(seed=1)
@@ -350,8 +351,8 @@ def test_bidirectional_and_padding_invariance():
     (mlm4, _), _ = m(xp, token_type_ids=tp, attn_mask=xp != 100)
     (ref, _), _ = m(x[1:, :14], token_type_ids=types[1:, :14])
     torch.testing.assert_close(mlm4[1, :14], ref[0], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="bidirectional"):
-        M.Transformer(M.ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8))(
+    with pytest.raises(TypeError, match="attn_mask"):  # the decoder-only model takes no padding mask
+        M.from_config(M.ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8))(
             torch.zeros(1, 4, dtype=torch.long), attn_mask=torch.ones(1, 4, dtype=torch.bool))
 
 
@@ -369,8 +370,9 @@ def test_bert_heads_and_losses():
     torch.testing.assert_close(mlm[1:, 0], full[1:, 2], atol=1e-5, rtol=1e-5)
     ce = torch.nn.functional.cross_entropy
     torch.testing.assert_close(loss, ce(full[t != -1], x[t != -1]) + ce(nsp, nsp_y), atol=1e-5, rtol=1e-5)
-    s = data.metrics_from_sums("mlm_nsp", data.metric_sums("mlm_nsp", (mlm, nsp), loss,
-                                                           {"idx": x, "targets": t, "labels": nsp_y}))
+    mlm_nsp = data.OBJECTIVES["mlm_nsp"]
+    s = data.metrics_from_sums(mlm_nsp, data.metric_sums(mlm_nsp, (mlm, nsp), loss,
+                                                         {"idx": x, "targets": t, "labels": nsp_y}))
     assert (s["loss"] == pytest.approx(loss.item(), abs=1e-5)
             and s["nsp_loss"] == pytest.approx(ce(nsp, nsp_y).item(), abs=1e-5))
     assert 0 <= s["mlm_acc"] <= 1 and s["nsp_acc"] in (0, 1 / 3, 2 / 3, 1)
@@ -389,7 +391,7 @@ def test_bert_heads_and_losses():
 @pytest.mark.parametrize("name,count", [("bert-base", 110_106_428), ("bert-large", 336_226_108)])
 def test_bert_param_counts(name, count):
     with torch.device("meta"):
-        m = M.Transformer(M.config_from_preset(name))
+        m = M.from_config(M.config_from_preset(name))
     assert m.num_params() == count  # Hugging Face BertForPreTraining, 30,522 vocabulary
 
 
@@ -429,16 +431,17 @@ def test_mlm_gather_equals_boolean_indexing():
     keep = t != -1
     mlm_loss, mlm_acc = F.cross_entropy(full[keep], t[keep]), (full[keep].argmax(-1) == t[keep]).float().mean()
     torch.testing.assert_close(loss, mlm_loss + F.cross_entropy(nsp, labels), atol=1e-5, rtol=1e-5)
-    sums = data.metric_sums("mlm_nsp", (mlm, nsp), loss, {"idx": x, "targets": t, "labels": labels})
+    sums = data.metric_sums(data.OBJECTIVES["mlm_nsp"], (mlm, nsp), loss, {"idx": x, "targets": t, "labels": labels})
     assert sums[1] == sums[3] == keep.sum() and sums[5] == sums[7] == B
-    got = data.metrics_from_sums("mlm_nsp", sums)
+    got = data.metrics_from_sums(data.OBJECTIVES["mlm_nsp"], sums)
     assert got["mlm_loss"] == pytest.approx(mlm_loss.item(), abs=1e-5) and 0 < mlm_acc < 1
     assert got["mlm_acc"] == pytest.approx(mlm_acc.item())
     assert got["nsp_acc"] == pytest.approx((nsp.argmax(-1) == labels).float().mean().item())
     c = bert_small(head="classify", n_labels=5)  # classify, with an ignored label
     y = torch.tensor([1, -1, 3, 3])
     logits, loss = c(x, labels=y)
-    got = data.metrics_from_sums("classify", data.metric_sums("classify", logits, loss, {"idx": x, "labels": y}))
+    classify = data.OBJECTIVES["classify"]
+    got = data.metrics_from_sums(classify, data.metric_sums(classify, logits, loss, {"idx": x, "labels": y}))
     keep = y != -1
     assert got["loss"] == pytest.approx(F.cross_entropy(logits[keep], y[keep]).item(), abs=1e-5)
     assert got["acc"] == pytest.approx((logits[keep].argmax(-1) == y[keep]).float().mean().item())
@@ -450,7 +453,7 @@ def test_mlm_gather_equals_boolean_indexing():
 @pytest.mark.parametrize("name,count", [("t5-small", 60_506_624), ("t5-base", 222_903_552)])
 def test_t5_param_counts(name, count):
     with torch.device("meta"):
-        m = M.Transformer(M.config_from_preset(name))
+        m = M.from_config(M.config_from_preset(name))
     assert m.num_params() == count  # T5ForConditionalGeneration's num_parameters(), tied embedding counted once
 
 
@@ -463,7 +466,7 @@ def test_t5_config_errors():
         M.config_from_preset("t5-tiny", pos="rope")
     m = t5_small()
     src, mask, dec = t5_batch()
-    with pytest.raises(ValueError, match="needs dec_idx"):
+    with pytest.raises(TypeError, match="dec_idx"):
         m(src)
     with pytest.raises(ValueError, match="decoder starts from start_id"):
         m.generate(src, 3)
@@ -481,7 +484,8 @@ def test_t5_decoder_causal_encoder_bidirectional():
     assert torch.equal(a[:, :15], b[:, :15]) and not torch.allclose(a[:, 15:], b[:, 15:])
     s2 = src.clone()
     s2[0, 17] = (s2[0, 17] + 1) % 97  # a late source token reaches the encoder's earlier positions
-    assert not torch.allclose(m.encode(src, mask)[0, :17], m.encode(s2, mask)[0, :17])
+    encode = lambda x: m.hidden(m.embed(x), mask)  # noqa: E731
+    assert not torch.allclose(encode(src)[0, :17], encode(s2)[0, :17])
     assert not torch.allclose(a[0], m(s2, attn_mask=mask, dec_idx=dec)[0][0])
 
 
@@ -506,7 +510,7 @@ def test_t5_cached_generation_equals_recompute():
     # the cached logits themselves match the full forward pass, one token at a time
     dec = torch.cat([torch.full((2, 1), 96), a], 1)
     full = m(src, attn_mask=mask, dec_idx=dec)[0]
-    cache, memory = m.new_cache(2, "cpu", torch.float32), m.encode(src, mask)
+    cache, memory = m.new_cache(2, "cpu", torch.float32, m.cfg.n_dec_layer), m.hidden(m.embed(src), mask)
     steps = [m(None, cache=cache, pos=i, attn_mask=mask, dec_idx=dec[:, i:i + 1], memory=memory)[0] for i in range(21)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     # stop_id: each row ends at its first stop, then repeats it; all stopped, generation ends
@@ -562,11 +566,11 @@ def test_t5_init_and_training_loss():
 def test_flops_per_token_gpt2_matches_6n_rule():
     cfg = M.config_from_preset("gpt2")
     with torch.device("meta"):
-        n = M.Transformer(cfg).num_params(non_embedding=True)
+        n = M.from_config(cfg).num_params(non_embedding=True)
     # 6 * (non-embedding params + tied head) + 12 * L * C * T: the PaLM / nanoGPT estimate, minus
     # the norms and biases, which do no matmul
     approx = 6 * (n + cfg.vocab_size * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    assert abs(M.flops_per_token(cfg) - approx) / approx < 1e-3
+    assert abs(common.flops_per_token(cfg) - approx) / approx < 1e-3
 
 
 @pytest.mark.parametrize("kw", [dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32),
@@ -577,7 +581,7 @@ def test_flops_per_token_matches_flop_counter(kw):
     attention as two bmm (the CPU flash kernel has no FLOP formula), over the full T x T scores, which is
     what flops_per_token counts too. Backward does two matmuls per forward one: 3x."""
     cfg = M.ModelConfig(**kw)
-    m = M.Transformer(cfg)
+    m = M.from_config(cfg)
     B, T = 2, cfg.block_size
     x = torch.randint(cfg.vocab_size, (B, T))
     with sdpa_kernel(SDPBackend.MATH):
@@ -585,8 +589,8 @@ def test_flops_per_token_matches_flop_counter(kw):
             m(x, x)
         with FlopCounterMode(display=False) as both:
             m(x, x)[1].backward()
-    assert fwd.get_total_flops() == M.flops_per_token(cfg, T, training=False) * B * T
-    assert both.get_total_flops() == M.flops_per_token(cfg, T, training=True) * B * T
+    assert fwd.get_total_flops() == common.flops_per_token(cfg, T, training=False) * B * T
+    assert both.get_total_flops() == common.flops_per_token(cfg, T, training=True) * B * T
 
 
 @pytest.mark.parametrize("head", ["mlm_nsp", "classify"])
@@ -594,7 +598,7 @@ def test_flops_per_token_matches_flop_counter_encoder_heads(head):
     """As test_flops_per_token_matches_flop_counter, for the encoder heads: the MLM head at mlm_slots(T)
     positions a row, pooler, NSP and classifier once a row (T a power of 2: the division is exact)."""
     cfg = M.ModelConfig(**{**BERT_SMALL, "block_size": 16, "head": head, "n_labels": 3 if head == "classify" else 0})
-    m = M.Transformer(cfg)
+    m = M.from_config(cfg)
     B, T = 2, 16
     x = torch.randint(97, (B, T))
     kw = dict(targets=torch.where(torch.rand(B, T) < 0.2, x, -1), labels=torch.tensor([0, 1])) if head == "mlm_nsp" \
@@ -604,14 +608,14 @@ def test_flops_per_token_matches_flop_counter_encoder_heads(head):
             m(x, **kw)
         with FlopCounterMode(display=False) as both:
             m(x, **kw)[1].backward()
-    assert fwd.get_total_flops() == M.flops_per_token(cfg, T, training=False) * B * T
-    assert both.get_total_flops() == M.flops_per_token(cfg, T, training=True) * B * T
+    assert fwd.get_total_flops() == common.flops_per_token(cfg, T, training=False) * B * T
+    assert both.get_total_flops() == common.flops_per_token(cfg, T, training=True) * B * T
 
 
 def test_flops_per_token_matches_flop_counter_encoder_decoder():
     """As above, for pairs of S source and T target tokens: a token is either kind."""
     cfg = M.ModelConfig(**T5_SMALL)
-    m = M.Transformer(cfg)
+    m = M.from_config(cfg)
     B, S, T = 2, 30, 25
     src, mask, dec = t5_batch()
     with sdpa_kernel(SDPBackend.MATH):
@@ -620,9 +624,9 @@ def test_flops_per_token_matches_flop_counter_encoder_decoder():
         with FlopCounterMode(display=False) as both:
             m(src, attn_mask=mask, dec_idx=dec, targets=dec)[1].backward()
     per_pair = B * (S + T)
-    assert fwd.get_total_flops() == pytest.approx(M.flops_per_token(cfg, S, training=False, dec_len=T) * per_pair,
+    assert fwd.get_total_flops() == pytest.approx(common.flops_per_token(cfg, S, training=False, dec_len=T) * per_pair,
                                                   rel=1e-12)
-    assert both.get_total_flops() == pytest.approx(M.flops_per_token(cfg, S, training=True, dec_len=T) * per_pair,
+    assert both.get_total_flops() == pytest.approx(common.flops_per_token(cfg, S, training=True, dec_len=T) * per_pair,
                                                    rel=1e-12)
 
 
@@ -660,7 +664,7 @@ def test_compile_mlm_nsp_one_graph_for_any_mask_count():
         (mlm, nsp), loss = compiled(x, t, **kw)
         loss.backward()
         torch.testing.assert_close(loss, m(x, t, **kw)[1], atol=1e-5, rtol=1e-5)
-        sums = data.metric_sums("mlm_nsp", (mlm, nsp), loss, dict(kw, idx=x, targets=t))
+        sums = data.metric_sums(data.OBJECTIVES["mlm_nsp"], (mlm, nsp), loss, dict(kw, idx=x, targets=t))
         assert sums[1] == (t != -1).sum()
     assert counter.frame_count == 1
     torch._dynamo.reset()

@@ -249,6 +249,7 @@ def resolve_run(cfg, rt):
             raise UserError(f"the checkpoint was trained with optimizer={trained!r}, the config gives "
                             f"optimizer={c['optimizer']!r}: resume with --optimizer={trained}")
         notes.append(f"resumed from {path} at step {ckpt['step']} (best validation loss {ckpt['best_val']:.4f})")
+    opened = [obj.open(data_dir, s, meta) for s in ("train", "val")]  # (the corpus's errors come first)
     mcfg = model_config(c, meta, ckpt["model_args"] if ckpt else None)
     tokens = [meta[f"{s}_tokens"] for s in ("train", "val")]
     T = c["seq_len"] or mcfg.block_size  # (the model refuses one longer than its block_size)
@@ -262,7 +263,7 @@ def resolve_run(cfg, rt):
         if meta[f"{split}_max_id"] >= mcfg.vocab_size:  # recorded by prepare.py: no pass over the data
             raise UserError(f"the {name} split holds token id {meta[f'{split}_max_id']} >= the model's vocab_size="
                             f"{mcfg.vocab_size}: the corpus does not fit this vocabulary; re-run prepare.py")
-    splits = tuple(obj.fit(obj.open(data_dir, s, meta), T, c) for s in ("train", "val"))
+    splits = tuple(obj.fit(split, T, c) for split in opened)
     c.update(seq_len=T, dec_len=splits[0].get("D", 0), device=str(rt.device), dtype=str(rt.dtype).split(".")[-1],
              parallel=rt.parallel, compile=rt.compile, **{k: getattr(mcfg, k) for k in MODEL_KEYS if k in DEFAULTS})
     return Run(c, obj, meta, splits, ckpt, path, mcfg, notes, provenance(c, rt.device, rt.world))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import hf
 import model as M
 import prepare
@@ -160,7 +161,7 @@ def logit_gap(ours, theirs, x):
 def from_hf(folder):
     ck = hf.load_checkpoint(str(folder))
     with torch.device("meta"):
-        m = M.Transformer(M.ModelConfig(**ck["model_args"]))
+        m = M.from_config(M.ModelConfig(**ck["model_args"]))
     m.to_empty(device="cpu")
     m.init_buffers()
     checkpoint.restore(ck, m)  # checks every name and shape
@@ -180,3 +181,9 @@ def _hf_tokenizer_file(folder, eos="</s>"):
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": eos}}))
     return tok, folder / "tokenizer.json"
+
+
+def split_of(objective, data_dir, split, T, **cfg):
+    """An objective's split, opened and fitted as train.py does (cfg: dec_len, label_fraction, seed)."""
+    obj, meta = data.OBJECTIVES[objective], data.load_meta(data_dir)
+    return obj.fit(obj.open(data_dir, split, meta), T, {"dec_len": 0, "label_fraction": 1.0, "seed": 0, **cfg})

@@ -17,7 +17,7 @@ import data
 import prepare
 import train
 
-from conftest import REPO, _hf_tokenizer_file, tiny_cfg
+from conftest import REPO, _hf_tokenizer_file, split_of, tiny_cfg
 
 
 def _docs(arr, sep_id):
@@ -164,8 +164,8 @@ def test_missing_input_and_failed_build(tmp_path):
     (tmp_path / "ok.txt").write_text("fine")
     prepare.prepare("y", [str(tmp_path / "ok.txt")], out_dir=tmp_path / "out", quiet=True)
     assert (tmp_path / "out" / "y" / "meta.json").exists()
-    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"no_text": 1}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n' * 25 + '{"no_text": 1}\n')  # past the first 20 documents
+    with pytest.raises(ValueError, match="bad.jsonl:26"):
         prepare.prepare("y", [str(tmp_path / "ok.txt"), str(tmp_path / "bad.jsonl")],
                         out_dir=tmp_path / "out", quiet=True)
     assert sorted(p.name for p in (tmp_path / "out" / "y").iterdir()) == ["train.bin", "val.bin"]
@@ -268,6 +268,23 @@ def test_append_equals_one_prepare(tmp_path, monkeypatch):
         prepare.prepare("two", [str(path["c"])], append=True, val_fraction=0.5, **opts)
     with pytest.raises(common.UserError, match="drop --append"):
         prepare.prepare("none", [str(path["c"])], append=True, **opts)
+
+
+def test_append_keeps_the_input_order_and_expands_home(tmp_path, monkeypatch):
+    """--input order is kept (not sorted across inputs), so a prepare of [z, a] equals a prepare of [z] and an
+    --append of [a]; ~ in an input (README's --input=~/src/project) is the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("z", "a"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name} {i}"}) + "\n" for i in range(30)))
+    opts = dict(out_dir=tmp_path / "out", quiet=True)
+    one = Path(prepare.prepare("one", ["~/z.jsonl", "~/a.jsonl"], **opts))
+    two = Path(prepare.prepare("two", ["~/z.jsonl"], **opts))
+    prepare.prepare("two", ["~/a.jsonl"], append=True, **opts)
+    for f in ("train.bin", "val.bin"):
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
+    ids = np.fromfile(one / "train.bin", np.uint16)
+    assert bytes(ids[:3].tolist()) == b"z 1"  # z's documents first (document 0 went to validation)
+    assert data.load_meta(one)["inputs"] == [str(tmp_path / "z.jsonl"), str(tmp_path / "a.jsonl")]
 
 
 def test_progress_line(tmp_path, monkeypatch, capsys):
@@ -412,9 +429,9 @@ def _unmask(b, base):
 
 def test_mlm_masking_statistics(data_root):
     meta = data.load_meta(data_root / "pystdlib")
-    c = data.encoder_corpus(data_root / "pystdlib", "train", meta, "mlm_nsp")
+    c = split_of("mlm_nsp", data_root / "pystdlib", "train", 64)
     base, sp = meta["vocab_size"], data.special_ids(meta["vocab_size"])
-    b = data.encoder_batch(c, 64, "mlm_nsp", range(3000), seed=1, step=7)
+    b = data.mlm_nsp_batch(c, range(3000), 0, 1, 7)
     orig, chosen = _unmask(b, base)
     real = orig < base  # not [CLS]/[SEP]/[PAD]
     assert not (chosen & ~real).any() and not (chosen & ~b["attn_mask"]).any()  # specials, pads never chosen
@@ -425,19 +442,19 @@ def test_mlm_masking_statistics(data_root):
     assert abs(masked - 0.8) < 0.02 and abs(kept - 0.1) < 0.02 and abs(rand - 0.1) < 0.02, (masked, kept, rand)
     assert x[x != sp.mask].max() < base and meta["sep_id"] not in x[x != o]  # random tokens: base vocab, no separator
     # dynamic and stateless: a row is a pure function of (seed, step, row)
-    again = data.encoder_batch(c, 64, "mlm_nsp", range(2990, 3000), seed=1, step=7)
+    again = data.mlm_nsp_batch(c, range(2990, 3000), 0, 1, 7)
     assert all(np.array_equal(again[k], b[k][2990:]) for k in b)
-    other = data.encoder_batch(c, 64, "mlm_nsp", range(2990, 3000), seed=1, step=8)
+    other = data.mlm_nsp_batch(c, range(2990, 3000), 0, 1, 8)
     assert not np.array_equal(other["idx"], again["idx"])
-    ev = data.encoder_batch(c, 64, "mlm_nsp", range(5))
-    assert all(np.array_equal(ev[k], data.encoder_batch(c, 64, "mlm_nsp", range(5))[k]) for k in ev)
+    ev = data.mlm_nsp_batch(c, range(5), 5)
+    assert all(np.array_equal(ev[k], data.mlm_nsp_batch(c, range(5), 5)[k]) for k in ev)
 
 
 def test_nsp_pairs(lines_corpus):
     folder, meta, docs = lines_corpus
-    c = data.encoder_corpus(folder, "train", meta, "mlm_nsp")
     base, sp, T = meta["vocab_size"], data.special_ids(meta["vocab_size"]), 96
-    b = data.encoder_batch(c, T, "mlm_nsp", range(2000), seed=3, step=0)
+    c = split_of("mlm_nsp", folder, "train", T)
+    b = data.mlm_nsp_batch(c, range(2000), 0, 3, 0)
     assert abs(b["labels"].mean() - 0.5) < 0.03
     orig, _ = _unmask(b, base)
     for row, types, label in zip(orig, b["token_type_ids"], b["labels"]):
@@ -475,17 +492,17 @@ def test_stdlib_modules_demo_task(tmp_path):
     folder = prepare.prepare(prepare.CLASSIFY_DEMO, out_dir=tmp_path, quiet=True)
     meta = data.load_meta(folder)
     assert meta["labels"] == sorted(labels) and meta["val_docs"] == sum(s == "val" for *_, s in ex)
-    c = data.encoder_corpus(folder, "val", meta, "classify")
-    b = data.encoder_batch(c, 64, "classify", range(meta["val_docs"] - 2, meta["val_docs"] + 2))
+    c = split_of("classify", folder, "val", 64)
+    b = data.classify_batch(c, range(meta["val_docs"] - 2, meta["val_docs"] + 2), 0)
     assert b["labels"][2:].tolist() == [-1, -1] and (b["labels"][:2] >= 0).all()  # past the end: ignored
     sp = data.special_ids(meta["vocab_size"])
     assert (b["idx"][:, 0] == sp.cls).all() and (b["idx"] == sp.sep).sum(1).tolist() == [1] * 4
     first = [t for t, _, s in ex if s == "val"][0]
-    c0 = data.encoder_batch(c, 300, "classify", [0])
+    c0 = data.classify_batch(dict(c, T=300), [0], 0)
     n = len(first.encode())
     assert bytes(c0["idx"][0][1:1 + n].tolist()).decode() == first and c0["idx"][0][1 + n] == sp.sep
     with pytest.raises(ValueError, match="no labels"):
-        data.encoder_corpus(folder, "val", {k: v for k, v in meta.items() if k != "labels"}, "classify")
+        data.labelled_corpus(folder, "val", {k: v for k, v in meta.items() if k != "labels"})
 
 
 def test_prepare_classify_jsonl(tmp_path):
@@ -526,9 +543,9 @@ def test_span_corruption_statistics(data_root):
     assert len(lengths) == 2000 * spans and lengths.mean() == pytest.approx(3.0, abs=0.05) and lengths.min() >= 1
     assert lengths.std() > 1.5 and (lengths == 1).mean() > 0.2  # T5's random segmentation, not fixed spans of 3
     assert masks[:, -1].all() and masks[:, 1:].any(0).all()  # runs alternate, the last one noise; spans anywhere
-    c = data.t5_fit(data.t5_corpus(data_root / "pystdlib", "val", meta, "span"), "span", T)
+    c = split_of("span", data_root / "pystdlib", "val", T)
     n = 64
-    b = data.eval_batch(c, "span", T, range(n), n)
+    b = data.span_batch(c, range(n), n)
     assert b["idx"].shape == (n, T) and b["dec_idx"].shape == b["targets"].shape == (n, D) and b["attn_mask"].all()
     last = len(c["data"]) - raw
     for i in range(n):
@@ -538,13 +555,13 @@ def test_span_corruption_statistics(data_root):
         assert x[-1] == y[-1] == meta["sep_id"] and b["dec_idx"][i].tolist() == [sp.pad] + y[:-1].tolist()
         start = i * last // (n - 1)  # the fixed validation windows are evenly spaced
         assert data.span_uncorrupt(x, y, base) == c["data"][start:start + raw].tolist()
-    again = data.eval_batch(c, "span", T, range(n - 4, n), n)
+    again = data.span_batch(c, range(n - 4, n), n)
     assert all(np.array_equal(again[k], b[k][n - 4:]) for k in b)
-    train_c = data.t5_fit(data.t5_corpus(data_root / "pystdlib", "train", meta, "span"), "span", T)
-    tb = data.train_batch(train_c, "span", T, range(0, 16), 16, 1, 7)  # a pure function of (seed, step, row)
-    part = data.train_batch(train_c, "span", T, range(12, 16), 16, 1, 7)
+    train_c = split_of("span", data_root / "pystdlib", "train", T)
+    tb = data.span_batch(train_c, range(0, 16), 16, 1, 7)  # a pure function of (seed, step, row)
+    part = data.span_batch(train_c, range(12, 16), 16, 1, 7)
     assert all(np.array_equal(part[k], tb[k][12:]) for k in tb)
-    assert not np.array_equal(data.train_batch(train_c, "span", T, range(12, 16), 16, 1, 8)["idx"], part["idx"])
+    assert not np.array_equal(data.span_batch(train_c, range(12, 16), 16, 1, 8)["idx"], part["idx"])
 
 
 def test_span_lengths_are_t5s():
@@ -576,22 +593,22 @@ def test_seq2seq_prepare_roundtrip_and_batches(tmp_path):
     assert meta["seq2seq"] is True and (meta["train_docs"], meta["val_docs"]) == (84, 6)  # two documents per example
     tok, sp, eos = prepare.get_tokenizer_from_meta(meta), data.special_ids(meta["vocab_size"]), meta["sep_id"]
     T, D = 24, 12
-    c = data.t5_fit(data.t5_corpus(tmp_path / "p", "val", meta, "seq2seq"), "seq2seq", T, D)
+    c = split_of("seq2seq", tmp_path / "p", "val", T, dec_len=D)
     assert [tuple(tok.decode(a.tolist()) for a in data.seq2seq_example(c, k)) for k in range(3)] == [
         pairs[0], pairs[20], pairs[40]]
-    train_c = data.t5_fit(data.t5_corpus(tmp_path / "p", "train", meta, "seq2seq"), "seq2seq", T)
+    train_c = split_of("seq2seq", tmp_path / "p", "train", T)
     assert train_c["D"] == T and tok.decode(data.seq2seq_example(train_c, 41)[1].tolist()) == pairs[44][1]
-    b = data.eval_batch(c, "seq2seq", T, range(4), 4)  # row 3: past the last example, example 0 again
+    b = data.seq2seq_batch(c, range(4), 4)  # row 3: past the last example, example 0 again
     for row, (src, tgt) in enumerate([pairs[0], pairs[20], pairs[40], pairs[0]]):
         s, t = tok.encode(src)[:T - 1] + [eos], tok.encode(tgt)[:D - 1] + [eos]  # a long one is cut, its EOS kept
         assert b["idx"][row].tolist() == s + [sp.pad] * (T - len(s))
         assert b["attn_mask"][row].tolist() == [True] * len(s) + [False] * (T - len(s))
         assert b["targets"][row].tolist() == t + [-1] * (D - len(t))
         assert b["dec_idx"][row].tolist() == [sp.pad] + t[:-1] + [sp.pad] * (D - len(t))
-    tb = data.train_batch(train_c, "seq2seq", T, range(8), 8, 0, 3)
-    assert all(np.array_equal(tb[k][4:], data.train_batch(train_c, "seq2seq", T, range(4, 8), 8, 0, 3)[k]) for k in tb)
+    tb = data.seq2seq_batch(train_c, range(8), 8, 0, 3)
+    assert all(np.array_equal(tb[k][4:], data.seq2seq_batch(train_c, range(4, 8), 8, 0, 3)[k]) for k in tb)
     with pytest.raises(ValueError, match="not a seq2seq corpus"):
-        data.t5_corpus(tmp_path / "p", "val", {k: v for k, v in meta.items() if k != "seq2seq"}, "seq2seq")
+        data.pairs_corpus(tmp_path / "p", "val", {k: v for k, v in meta.items() if k != "seq2seq"})
 
 
 def test_seq2seq_bad_jsonl_named_by_line(tmp_path):
@@ -612,7 +629,7 @@ def test_seq2seq_bad_jsonl_named_by_line(tmp_path):
 
 def _pairs(folder, split):
     meta = data.load_meta(folder)
-    tok, c = prepare.get_tokenizer_from_meta(meta), data.t5_corpus(folder, split, meta, "seq2seq")
+    tok, c = prepare.get_tokenizer_from_meta(meta), data.pairs_corpus(folder, split, meta)
     return [tuple(tok.decode(a.tolist()) for a in data.seq2seq_example(c, k)) for k in range(len(c["ends"]) // 2)]
 
 
@@ -667,3 +684,17 @@ def test_exact_match_and_copy_baselines(t5_demo):
     assert ([k for k in r["baselines"]][2].startswith("most common training target")
             and list(r["baselines"].values())[2] < 0.05)
     assert len(calls) == -(-len(val) // 50) and calls[0][1:] == (64, sp.pad, eos, 0.0)
+
+
+def test_a_one_file_corpus_is_split_inside_and_trains(tmp_path):
+    text = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(600))  # ~17 KB, one document
+    (tmp_path / "input.txt").write_text(text)
+    folder = Path(prepare.prepare("shake", [str(tmp_path / "input.txt")], out_dir=tmp_path, quiet=True))
+    meta = data.load_meta(folder)
+    assert meta["split_inside"] and meta["train_docs"] == meta["val_docs"] == 1
+    assert 0.04 < meta["val_bytes"] / (meta["train_bytes"] + meta["val_bytes"]) < 0.06  # the last 5%
+    assert np.fromfile(folder / "train.bin", np.uint16)[-2] == 10  # cut at a line boundary: train ends a line
+    s = train.train(tiny_cfg(tmp_path, tmp_path / "out", dataset="shake", max_iters=3, eval_interval=3, warmup_iters=1))
+    assert s["step"] == 3 and np.isfinite(s["train_losses"]).all()
+    with pytest.raises(common.UserError, match="split inside its few documents"):
+        prepare.prepare("shake", [str(tmp_path / "input.txt")], out_dir=tmp_path, quiet=True, append=True)

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import data
 import model as M
+import parallelize
 import train
 
 from conftest import BERT_CFG, T5_CFG, from_hf, hf_libs, logit_gap, perturb, run_ranks, t5_cfg, tiny_cfg, torchrun
@@ -65,7 +67,12 @@ def dist_worker(phase, data_root, out):
         res[name] = {"losses": s["train_losses"], "evals": s["evals"], "state": full_state(s["model"])}
 
     if phase == "1":
+        reads, saves, real, prune = [], [], common.to_host, train.prune_checkpoints  # the host reads of a DDP run
+        common.to_host = train.to_host = lambda t: reads.append(1) or real(t)
+        train.prune_checkpoints = lambda *a: saves.append(1) or prune(*a)  # once per save, on rank 0
         run("ddp", parallel="ddp")
+        common.to_host, train.to_host, train.prune_checkpoints = real, real, prune
+        res["ddp_reads"], res["ddp_saves"] = len(reads), len(saves)
         run("fsdp", parallel="fsdp")
         seen, rope = set(), M.apply_rope  # what RoPE's tables look like inside an FSDP block in bf16
         M.apply_rope = lambda x, cos, sin: seen.add((x.dtype, cos.dtype)) or rope(x, cos, sin)
@@ -79,13 +86,13 @@ def dist_worker(phase, data_root, out):
         cfg = tiny_cfg(data_root, out, **DIST)
         mcfg = M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head",
                                                                     "block_size")})
-        m = train.build_model(cfg, mcfg, train.Runtime(torch.device("cpu"), torch.float32, rank, 2, "fsdp"))
+        m = train.build_model(cfg, mcfg, parallelize.Runtime(torch.device("cpu"), torch.float32, rank, 2, "fsdp"))
         res["init"] = full_state(m)
         res["init_local"] = {n: tuple(p.to_local().shape) for n, p in m.named_parameters()}
         # LLaMA-7B: sharded on the meta device; nothing is materialised
         import resource
         with torch.device("meta"):
-            big = M.Transformer(M.config_from_preset("llama-7b"))
+            big = M.from_config(M.config_from_preset("llama-7b"))
         from torch.distributed.fsdp import fully_shard
         for block in big.blocks:
             fully_shard(block)
@@ -131,6 +138,12 @@ def test_distributed_matches_single_process(data_root, tmp_path):
     for name in ("ddp", "fsdp", "fsdp_ac", "fsdp_step_sync"):
         np.testing.assert_allclose(p1[name]["losses"], single["losses"], atol=1e-5, rtol=0, err_msg=name)
         assert_close_states(p1[name]["state"], single["state"], atol=1e-4)
+    # the validation set is the same rows at any world size: eval_iters x batch_size (4 here), so at step 0 (the
+    # same initial weights) a single process of batch 4 and 2 ranks of batch 4 read the same loss
+    four = train.train(tiny_cfg(data_root, tmp_path / "single4", **{**DIST, "max_iters": 1, "eval_interval": 1}))
+    assert p1["ddp"]["evals"][0] == (0, pytest.approx(four["evals"][0][1], abs=1e-6))
+    # a DDP step reads the host once, an evaluation and a checkpoint once each (rank 0's count; the same on each)
+    assert (p1["ddp_reads"], p1["ddp_saves"]) == (6 + 3 + p1["ddp_saves"], 2)
     np.testing.assert_allclose(p1["fsdp_bf16"]["losses"], single["losses"], atol=5e-3, rtol=0)
     muon = train.train(tiny_cfg(data_root, tmp_path / "single_muon", **{**DIST, "batch_size": 8}, optimizer="muon",
                                 lr_schedule="wsd"))
@@ -144,7 +157,7 @@ def test_distributed_matches_single_process(data_root, tmp_path):
     assert p1["rope_dtypes"] == ["(torch.bfloat16, torch.float32)"]
 
     # initialisation: sharded on meta, materialised, equal to single-process init; each rank holds half
-    init = M.Transformer(M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head",
+    init = M.from_config(M.config_from_preset("tiny", **{k: DIST[k] for k in ("n_layer", "n_embd", "n_head",
                                                                               "n_kv_head", "block_size")}))
     init.init_weights(DIST.get("seed", train.DEFAULTS["seed"]))
     assert_close_states(p1["init"], init.state_dict(), atol=0)
@@ -197,8 +210,8 @@ BERT_DIST = dict(BERT_CFG, batch_size=4, gradient_accumulation_steps=2, max_iter
                  warmup_iters=2, lr_decay_iters=6, threads=1)
 
 
-def bert_dist_worker(data_root, out):
-    modes_worker(lambda o, **kw: tiny_cfg(data_root, o, **BERT_DIST, **kw),
+def bert_dist_worker(data_root, out):  # eval_iters x 2: the single process's 2 x 8 validation rows, in 4 x 4
+    modes_worker(lambda o, **kw: tiny_cfg(data_root, o, **{**BERT_DIST, "eval_iters": 4}, **kw),
                  lambda s: {"losses": s["train_losses"], "metrics": s["metrics"]}, out, "bert_dist.pt")
 
 
@@ -221,8 +234,8 @@ T5_DIST = dict(batch_size=2, gradient_accumulation_steps=2, max_iters=4, eval_in
                lr_decay_iters=6, threads=1)
 
 
-def t5_dist_worker(data_root, out):
-    modes_worker(lambda o, **kw: t5_cfg(data_root, o, **T5_DIST, **kw),
+def t5_dist_worker(data_root, out):  # eval_iters x 2: the single process's validation rows
+    modes_worker(lambda o, **kw: t5_cfg(data_root, o, **{**T5_DIST, "eval_iters": 4}, **kw),
                  lambda s: {"losses": s["train_losses"], "evals": s["evals"],
                             "sharded": sum(type(b).__name__.startswith("FSDP")
                                            for b in [*s["model"].blocks, *s["model"].dec_blocks])},

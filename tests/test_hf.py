@@ -230,5 +230,5 @@ def test_t5_param_counts_equal_transformers():
     t = hf_libs()
     for name, kw in (("t5-small", {}), ("t5-base", dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12))):
         with torch.device("meta"):
-            ours, theirs = M.Transformer(M.config_from_preset(name)), t.T5ForConditionalGeneration(t.T5Config(**kw))
+            ours, theirs = M.from_config(M.config_from_preset(name)), t.T5ForConditionalGeneration(t.T5Config(**kw))
         assert ours.num_params() == theirs.num_parameters(), name

@@ -14,10 +14,11 @@ import torch
 import data
 import logger
 import model as M
+import parallelize
 import prepare
 import train
 
-from conftest import BERT_CFG, main_fails, t5_cfg, tiny_cfg
+from conftest import BERT_CFG, main_fails, split_of, t5_cfg, tiny_cfg
 
 
 def test_bits_per_byte_on_the_bytes_corpus(data_root, tmp_path):
@@ -57,9 +58,9 @@ def test_sample_every_logs_greedy_continuation_and_mask_fill(data_root, tmp_path
                              sample_every=5))
     samples = [r for r in map(json.loads, open(tmp_path / "clm" / "log.jsonl")) if "sample" in r]
     assert [r["step"] for r in samples] == [5, 10]
-    prompt = torch.from_numpy(data.load_split(data_root / "pystdlib", "val")[:logger.SAMPLE_PROMPT]
+    prompt = torch.from_numpy(data.load_split(data_root / "pystdlib", "val")[:data.SAMPLE_PROMPT]
                               .astype(np.int64))[None]
-    out = s["model"].eval().generate(prompt, logger.SAMPLE_TOKENS, temperature=0,
+    out = s["model"].eval().generate(prompt, data.SAMPLE_TOKENS, temperature=0,
                                      use_cache=False)[0].tolist()  # the final model
     tok = prepare.get_tokenizer("bytes")
     assert (samples[-1]["sample"] == f"{tok.decode(out[:32])!r} -> {tok.decode(out[32:])!r}"
@@ -69,8 +70,7 @@ def test_sample_every_logs_greedy_continuation_and_mask_fill(data_root, tmp_path
                              **{**BERT_CFG, "batch_size": 4, "eval_iters": 1, "warmup_iters": 2},
                              max_iters=4, eval_interval=4, sample_every=4))
     sample = [r for r in map(json.loads, open(tmp_path / "mlm" / "log.jsonl")) if "sample" in r][0]["sample"]
-    meta = data.load_meta(data_root / "pystdlib")
-    b = data.eval_batch(data.encoder_corpus(data_root / "pystdlib", "val", meta, "mlm_nsp"), "mlm_nsp", 64, range(1), 1)
+    b = data.mlm_nsp_batch(split_of("mlm_nsp", data_root / "pystdlib", "val", 64), range(1), 1)
     with torch.no_grad():
         (mlm, _), _ = s["model"].eval()(**data.to_device(b, torch.device("cpu")))
     t = torch.from_numpy(b["targets"])
@@ -152,7 +152,8 @@ def test_tensorboard_sink_same_records(data_root, tmp_path):
 
 def test_sinks_rank_0_only_and_missing_package_named(data_root, tmp_path, monkeypatch, capsys):
     cfg = tiny_cfg(data_root, tmp_path, wandb_log=True, tensorboard_dir=str(tmp_path / "tb"))
-    with logger.open_sinks(cfg, train.Runtime(torch.device("cpu"), torch.float32, rank=1, world=2), None) as sinks:
+    rank1 = parallelize.Runtime(torch.device("cpu"), torch.float32, rank=1, world=2)
+    with logger.open_sinks(cfg, rank1, None) as sinks:
         assert sinks == []
     assert list(tmp_path.iterdir()) == []
     real = logger.importlib.util.find_spec
@@ -225,3 +226,33 @@ def test_plot_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert plot.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install matplotlib" in err
+
+
+def test_plot_writes_into_the_run_and_shows_a_lone_point(tmp_path, capsys):
+    """plot.py's default output is the first run's folder (not the working directory); a run with one logged point
+    draws it as a marker, not an empty panel."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install matplotlib)")
+    import plot
+    (tmp_path / "log.jsonl").write_text(json.dumps({"torch": "x", "config": {}}) + "\n" + json.dumps(
+        {"step": 1, "loss": 2.0, "lr": 1e-3, "tok_s": 10, "mfu": 0.1, "elapsed_s": 1.0}) + "\n")
+    assert plot.main([str(tmp_path)]) == 0 and f"wrote {tmp_path / 'plot.png'}" in capsys.readouterr().out
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = plot.plot([str(tmp_path)], str(tmp_path / "x.png"))
+    panels = [ax for ax in fig.axes if any(len(ln.get_xdata()) for ln in ax.get_lines())]
+    assert len(panels) == 5 and all(any(ln.get_marker() == "o" for ln in ax.get_lines()) for ax in panels)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def test_logged_numbers_add_up_and_name_what_ran(data_root, tmp_path):
+    s = train.train(tiny_cfg(data_root, tmp_path, objective="mlm_nsp", model="bert-tiny", max_iters=4,
+                             eval_interval=4, log_interval=2, seq_len=64, warmup_iters=1))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    prov, steps = records[0], [r for r in records if "grad_norm" in r]
+    assert len(steps) == 2
+    for r in steps:  # the loss and its parts, each a mean over the same steps
+        assert abs(r["loss"] - r["mlm_loss"] - r["nsp_loss"]) < 2e-4, r
+    c = prov["config"]
+    assert c == s["config"] and (c["optimizer"], c["lr_decay_iters"], c["warmup_iters"]) == ("adamw", 4, 1)
+    assert c["model"] == "bert-tiny" and c["objective"] == "mlm_nsp" and c["seq_len"] == 64
+    assert None not in (c["block_size"], c["n_layer"], c["dropout"], c["vocab_size"])
