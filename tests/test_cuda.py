@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoint
+import common
 import train
 
 from conftest import REPO, tiny_cfg
@@ -35,8 +36,17 @@ def test_cuda_bf16_compiled_50_steps_learn(data_root, tmp_path):
 
 
 @needs_cuda
-def test_cuda_fp16_with_grad_scaler(data_root, tmp_path):
-    s = train.train(tiny_cfg(data_root, tmp_path, **GPU, dtype="float16", max_iters=40, eval_interval=20))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_cuda_fp16_with_grad_scaler(data_root, tmp_path, optimizer, monkeypatch):
+    """fp16 with the loss scaler, AdamW and Muon: it learns, and a step reads the host once (the scaler's skip
+    of an overflowing step is decided on the device: no .item() for an optimizer without amp support)."""
+    reads, real = [], common.to_host
+    monkeypatch.setattr(common, "to_host", lambda t: reads.append(1) or real(t))  # the step's read, to_host_later
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("a .item() read") if t.is_cuda else item(t))
+    s = train.train(tiny_cfg(data_root, tmp_path, **GPU, dtype="float16", max_iters=40, eval_interval=20,
+                             optimizer=optimizer, lr_schedule="wsd" if optimizer == "muon" else "cosine"))
+    assert len(reads) == 40  # one per step (evaluations and saves read through train.to_host)
     assert s["evals"][-1][1] < s["evals"][0][1] - 1.5, s["evals"]
     scaler = checkpoint.load_checkpoint(checkpoint.find_checkpoint(tmp_path))["scaler"]
     assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0  # the scaler ran and its state was saved

@@ -166,6 +166,7 @@ def test_hf_finetune_gpt2_resume_and_export(gpt2, tmp_path, capsys):
                batch_size=8, max_iters=30, lr_decay_iters=30, eval_interval=15, eval_iters=2, warmup_iters=3,
                learning_rate=3e-3, log_interval=100, threads=1, device="cpu", dropout=0.1)
     full = train.train(dict(cfg, out_dir=str(tmp_path / "a")))
+    assert (full["config"]["model"], full["config"]["optimizer"]) == (f"hf:{tmp_path / 'hf'}", "adamw")  # as ran
     (_, v0), _, (_, v30) = full["evals"]
     assert v0 > 10.0 and v30 < v0 - 1.0, full["evals"]  # ln(50257) = 10.8 at the start
     half = train.train(dict(cfg, out_dir=str(tmp_path / "b"), max_iters=15))
