@@ -38,3 +38,17 @@ def test_gpu_check_runs_here_inside_its_budget(tmp_path):
     import json
     summary = json.loads((tmp_path / "gpu_summary.json").read_text())
     assert summary["tests"]["skipped"] == summary["tests"]["tests"] >= 6 and summary["out_of_time"] == []
+
+
+def test_help_carries_the_comment_beside_each_key():
+    """--help of train.py and sample.py prints each key's comment from the defaults block; bench.py adds train.py's
+    keys to its own options; prepare.py's help sentences are whole."""
+    for script, key, comment in (("train.py", "--eval_interval=250", "evaluate (and checkpoint) every this many steps"),
+                                 ("train.py", "--objective=None", "mlm_nsp: BERT's masked LM + next sentence"),
+                                 ("sample.py", "--top_k=None", "keep the k likeliest tokens"),
+                                 ("bench.py", "--warmup_iters=None", "100, or a tenth of the decay")):
+        r = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True)
+        line = next((ln for ln in r.stdout.splitlines() if ln.strip().startswith(key)), "")
+        assert r.returncode == 0 and comment in line, (script, key, line)
+    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--help"], capture_output=True, text=True)
+    assert "--append uses the corpus's own" in " ".join(r.stdout.split())

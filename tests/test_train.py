@@ -688,6 +688,7 @@ def test_resuming_a_finished_run_changes_nothing(data_root, tmp_path, capsys):
         train.train(dict(cfg, init_from="resume", max_iters=3))
     s = train.train(dict(cfg, init_from="resume", max_iters=6))  # and a larger max_iters trains on
     assert s["step"] == 6 and len(s["train_losses"]) == 2
+    assert f"resumed from {tmp_path / 'ckpt-0000004.pt'} at step 4" in capsys.readouterr().out
 
 
 def test_a_new_run_into_a_used_out_dir_is_refused(data_root, tmp_path):
