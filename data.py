@@ -558,26 +558,31 @@ def decoder_rows(y, c):
 
 def fit_span(c, T, cfg):
     """Windows of `raw` tokens whose corruption is T encoder tokens, and D decoder tokens (dec_len, or if 0:
-    T5's target length)."""
+    T5's target length; with span_targets='whole', the window and EOS)."""
     raw, need = span_lengths(T)
+    whole = cfg.get("span_targets") == "whole"  # (a config saved before this key: T5's)
+    need = raw + 1 if whole else need
     if len(c["data"]) < raw:
         raise UserError(f"{c['name']} has {len(c['data'])} tokens, fewer than the {raw} that span corruption turns "
                         f"into seq_len={T}: lower seq_len or use more data")
     if cfg["dec_len"] and cfg["dec_len"] < need:
         raise UserError(f"dec_len={cfg['dec_len']} is shorter than the {need} target tokens of span corruption at "
                         f"seq_len={T}: raise it, or 0 to derive it")
-    return dict(c, T=T, D=cfg["dec_len"] or need, raw=raw)
+    return dict(c, T=T, D=cfg["dec_len"] or need, raw=raw, whole=whole)
 
 
 def span_batch(c, rows, n_rows, seed=None, step=None):
     """Training: a window drawn per row; validation: row i is the i-th of n_rows evenly spaced windows, its noise
-    drawn with seed i. Each: idx, attn_mask (B, T), dec_idx, targets (B, D)."""
+    drawn with seed i. Each: idx, attn_mask (B, T), dec_idx, targets (B, D). The decoder writes T5's targets, or
+    with c["whole"] the whole window and EOS (it copies what the encoder reads and fills in the holes, so
+    pretraining must teach it to read the encoder)."""
     out, last = [], len(c["data"]) - c["raw"]
     for i in rows:
         rng = np.random.default_rng((seed, step, i) if seed is not None else (i,))
         start = int(rng.integers(last + 1)) if seed is not None else i * last // max(n_rows - 1, 1)
         x = np.asarray(c["data"][start:start + c["raw"]], dtype=np.int64)
         inputs, targets = span_corrupt(x, noise_mask(len(x), rng), c["base"], c["sep_id"])
+        targets = np.r_[x, c["sep_id"]] if c["whole"] else targets
         out.append(dict(idx=inputs, attn_mask=np.ones(c["T"], bool), **decoder_rows(targets, c)))
     return stack(out)
 
@@ -612,8 +617,9 @@ def pairs_corpus(data_dir, split, meta):
 
 
 def fit_pairs(c, T, cfg):
-    """Sources of T tokens, targets of D = dec_len (0: T)."""
-    return dict(c, T=T, D=cfg["dec_len"] or T)
+    """Sources of T tokens, targets of D = dec_len (0: T); training draws only from label_subset (label_fraction)."""
+    return dict(c, T=T, D=cfg["dec_len"] or T, subset=label_subset(len(c["ends"]) // 2, cfg["label_fraction"],
+                                                                     cfg["seed"]))
 
 
 def seq2seq_example(c, k):
@@ -622,11 +628,11 @@ def seq2seq_example(c, k):
 
 
 def seq2seq_batch(c, rows, n_rows, seed=None, step=None):
-    """Training: an example drawn per row; validation: example i (mod their number: a row always has targets,
-    so no batch averages a loss over nothing)."""
-    n = len(c["ends"]) // 2
-    return stack([seq2seq_row(c, int(np.random.default_rng((seed, step, i)).integers(n)) if seed is not None
-                              else i % n) for i in rows])
+    """Training: an example drawn per row from c["subset"]; validation: example i (mod their number: a row always
+    has targets, so no batch averages a loss over nothing)."""
+    pick, n = c["subset"], len(c["ends"]) // 2
+    return stack([seq2seq_row(c, int(pick[np.random.default_rng((seed, step, i)).integers(len(pick))])
+                              if seed is not None else i % n) for i in rows])
 
 
 def seq2seq_row(c, k):
@@ -641,7 +647,7 @@ def seq2seq_row(c, k):
 
 OBJECTIVES["seq2seq"] = Objective(
     head="lm", decoder=True, extra_tokens=N_SPECIAL + N_SENTINEL, corpus="stdlib_params", model="t5-tiny",
-    open=pairs_corpus, fit=fit_pairs, batch=seq2seq_batch, show=show_target)
+    open=pairs_corpus, fit=fit_pairs, batch=seq2seq_batch, show=show_target, examples=True)
 
 # -----------------------------------------------------------------------------
 # fine-tuning a pretrained encoder onto another head

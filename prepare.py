@@ -141,8 +141,8 @@ def start_worker(tokenizer):
 
 
 def tokenized(docs, tok, workers=1):
-    """(ids with the separator appended, in the corpus dtype; input nbytes; UTF-8 bytes of the text; largest id) for each
-    (text, nbytes) document, in input order. With workers > 1 that many spawned processes (never forked: the
+    """(ids with the separator appended, in the corpus dtype; input nbytes; UTF-8 bytes of the text; largest id)
+    for each (text, nbytes) document, in input order. With workers > 1 that many spawned processes (never forked: the
     caller may hold torch's threads) tokenize chunks, at most 2 * workers chunks ahead of the caller, so
     memory stays bounded; the result is the same for any workers. Processes, not threads: tiktoken's
     threads scale to ~1.6x on 2 cores, its processes to ~2x."""
@@ -173,7 +173,8 @@ def report(t0, docs, tokens, text_bytes, frac):
     dt = max(time.time() - t0, 1e-6)
     left = dt * max(0, 1 - frac) / frac if frac else 0
     eta = f", {100 * frac:.1f}%, ETA {int(left // 3600)}:{time.strftime('%M:%S', time.gmtime(left))}" if frac else ""
-    print(f"prepare: {docs:,} docs, {tokens:,} tokens, {text_bytes / 1e6 / dt:.1f} MB/s{eta}", file=sys.stderr, flush=True)
+    print(f"prepare: {docs:,} docs, {tokens:,} tokens, {text_bytes / 1e6 / dt:.1f} MB/s{eta}", file=sys.stderr,
+          flush=True)
 
 # -----------------------------------------------------------------------------
 # writing a corpus
@@ -226,7 +227,8 @@ def write_splits(folder, encoded, is_val, counts, dtype, append=False, progress=
         paths = {s: folder / f"{s}.bin" for s in kept}
         for s, p in paths.items():
             if not p.is_file() or p.stat().st_size < kept[s]:
-                raise UserError(f"--append: {p} is shorter than its meta.json says; re-make the corpus without --append")
+                raise UserError(f"--append: {p} is shorter than its meta.json says; re-make the corpus without "
+                                f"--append")
             os.truncate(p, kept[s])  # bytes past the recorded end are what an interrupted --append left
     else:
         (folder / "meta.json").unlink(missing_ok=True)  # the old corpus is no longer complete
@@ -235,7 +237,8 @@ def write_splits(folder, encoded, is_val, counts, dtype, append=False, progress=
     i, done, text_bytes, ok = first, 0, 0, False
     next_report = progress and progress[0] + REPORT_AFTER
     try:
-        with open(paths["train"], "ab", buffering=1 << 20) as ftrain, open(paths["val"], "ab", buffering=1 << 20) as fval:
+        with open(paths["train"], "ab", buffering=1 << 20) as ftrain, \
+                open(paths["val"], "ab", buffering=1 << 20) as fval:
             for ids, nbytes, utf8, top in encoded:
                 split = "val" if is_val(i, counts["val_docs"]) else "train"
                 (fval if split == "val" else ftrain).write(ids)  # the buffer itself, no copy
@@ -276,7 +279,8 @@ def prepare(name="pystdlib", inputs=None, tokenizer=None, out_dir="data", worker
             raise UserError("'pystdlib' is the built-in corpus with its fixed split; give your inputs another --name")
         files, stdlib = [f for _, f in pystdlib_files()], sysconfig.get_paths()["stdlib"]
         docs, described, total, total_docs = iter_documents(files), [stdlib], sum(map(os.path.getsize, files)), None
-        source = f"{len(files)} .py files of the Python {sys.version.split()[0]} stdlib ({stdlib}), without tests/idlelib"
+        source = (f"{len(files)} .py files of the Python {sys.version.split()[0]} stdlib ({stdlib}), without "
+                  f"tests/idlelib")
     elif inputs or hf_dataset:
         docs, described, total, total_docs = open_inputs(inputs, hf_dataset, hf_config, hf_split, text_field)
         source = None  # the inputs, those of earlier --append runs included
@@ -291,7 +295,8 @@ def prepare(name="pystdlib", inputs=None, tokenizer=None, out_dir="data", worker
     if workers is None:  # processes pay off for BPE; the bytes tokenizer is one memory copy
         workers = 1 if tok.name == "bytes" else min(os.cpu_count() or 1, 8)
     folder.mkdir(parents=True, exist_ok=True)
-    counts = {f"{s}_{k}": old.get(f"{s}_{k}", 0) if old else 0 for k in ("tokens", "docs", "max_id", "bytes") for s in ("train", "val")}
+    counts = {f"{s}_{k}": old.get(f"{s}_{k}", 0) if old else 0
+              for k in ("tokens", "docs", "max_id", "bytes") for s in ("train", "val")}
     docs, inside = split_inside(docs, val_fraction) if not old else (docs, False)
     rule = (lambda i, n_val: i % 2 == 1) if inside else split_rule(val_fraction, val_docs)
     counts = write_splits(folder, tokenized(docs, tok, workers), rule, counts, dtype, append=bool(old),
@@ -371,6 +376,22 @@ def prepare_classify(name=CLASSIFY_DEMO, inputs=None, tokenizer="bytes", out_dir
 SEQ2SEQ_DEMO = "stdlib_params"  # the built-in seq2seq task, see stdlib_param_examples
 
 
+def stdlib_functions():
+    """(file number, function node, the file's lines) of every function in the pystdlib files, in file order;
+    a file this Python cannot parse gives none."""
+    import ast
+    for i, (_, path) in enumerate(pystdlib_files()):
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        lines = text.splitlines(keepends=True)
+        for f in ast.walk(tree):
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield i, f, lines
+
+
 def stdlib_param_examples(max_bytes=63):
     """[(source, target, split)] of the demo task: the header of a stdlib function (`def name(...):`, its
     lines up to the body, dedented; at most max_bytes, no comment) -> its parameter names in order,
@@ -378,29 +399,70 @@ def stdlib_param_examples(max_bytes=63):
     default`. Only functions of 2+ parameters, each header once (its first file decides the split), and no
     target that is a substring of its source, so no copy of any part of the source is the answer. Split by
     file like pystdlib (file i to val when i % VAL_EVERY == 0): pretraining on pystdlib never saw a val header."""
-    import ast
     import textwrap
     out, seen = [], set()
-    for i, (_, path) in enumerate(pystdlib_files()):
-        text = Path(path).read_bytes().decode("utf-8", errors="replace")
-        try:
-            tree = ast.parse(text)
-        except (SyntaxError, ValueError):  # not parseable by this Python: no examples from it
-            continue
-        lines = text.splitlines(keepends=True)
-        for f in ast.walk(tree):
-            if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            a = f.args
-            names = [p.arg for p in a.posonlyargs + a.args] + [f"*{v.arg}" for v in [a.vararg] if v] + \
-                    [p.arg for p in a.kwonlyargs] + [f"**{v.arg}" for v in [a.kwarg] if v]
-            header = textwrap.dedent("".join(lines[f.lineno - 1:f.body[0].lineno - 1])).strip()
-            target = " ".join(names)
-            if (len(names) >= 2 and header.startswith(("def ", "async def ")) and header.endswith(":") and "#" not in header
-                    and len(header.encode()) <= max_bytes and target not in header and header not in seen):
-                seen.add(header)
-                out.append((header, target, "val" if i % VAL_EVERY == 0 else "train"))
+    for i, f, lines in stdlib_functions():
+        a = f.args
+        names = [p.arg for p in a.posonlyargs + a.args] + [f"*{v.arg}" for v in [a.vararg] if v] + \
+                [p.arg for p in a.kwonlyargs] + [f"**{v.arg}" for v in [a.kwarg] if v]
+        header = textwrap.dedent("".join(lines[f.lineno - 1:f.body[0].lineno - 1])).strip()
+        target = " ".join(names)
+        if (len(names) >= 2 and header.startswith(("def ", "async def ")) and header.endswith(":")
+                and "#" not in header and len(header.encode()) <= max_bytes and target not in header
+                and header not in seen):
+            seen.add(header)
+            out.append((header, target, "val" if i % VAL_EVERY == 0 else "train"))
     return out
+
+
+def first_sentence(doc):
+    """A docstring's first sentence: its first paragraph on one line, up to the first . ! or ? before a space."""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    end = next((k + 1 for k, ch in enumerate(para) if ch in ".!?" and para[k + 1:k + 2] in ("", " ")), len(para))
+    return para[:end]
+
+
+def stdlib_docstring_examples(max_source=511, max_target=95):
+    """[(source, target, split)] of the summarisation demo task: a stdlib function's source (decorators, header
+    and body, dedented) with its docstring's lines removed -> the docstring's first sentence, e.g.
+    `def subtract(self, a, b):\\n    a = _convert_other(a, raiseit=True) ...` -> `Return the difference between
+    the two operands.` Functions whose docstring has lines of its own and whose body has more than it; sources
+    of at most max_source bytes, targets of 2+ words and 8 to max_target bytes. No target occurs in its source
+    (case and spacing ignored), so no copy of any part of the source is the answer; each source once (its first
+    file decides the split). Split by file like pystdlib: pretraining on pystdlib never saw a val function."""
+    import ast
+    import textwrap
+    flat = lambda text: " ".join(text.lower().split())
+    out, seen = [], set()
+    for i, f, lines in stdlib_functions():
+        doc, d = ast.get_docstring(f), f.body[0]
+        if len(f.body) < 2 or not doc or d.lineno == f.body[1].lineno:
+            continue
+        if not "".join(lines[f.lineno - 1:d.lineno - 1]).rstrip().endswith(":"):
+            continue  # the docstring shares a line with the header, or a comment comes before it
+        start, after = min([f.lineno] + [x.lineno for x in f.decorator_list]) - 1, d.end_lineno
+        while after < f.end_lineno and not lines[after].strip():  # the blank lines after the docstring go too
+            after += 1
+        source = textwrap.dedent("".join(lines[start:d.lineno - 1] + lines[after:f.end_lineno])).rstrip()
+        target = first_sentence(doc)
+        if (len(source.encode()) <= max_source and 8 <= len(target.encode()) <= max_target
+                and len(target.split()) >= 2 and flat(target) not in flat(source) and source not in seen
+                and parses(source)):
+            seen.add(source)
+            out.append((source, target, "val" if i % VAL_EVERY == 0 else "train"))
+    return out
+
+
+def parses(source):
+    """Whether Python parses the source (a string of lines at column 0 inside a function stops dedent)."""
+    import ast
+    try:
+        return bool(ast.parse(source))
+    except SyntaxError:
+        return False
+
+
+SEQ2SEQ_DEMOS = {SEQ2SEQ_DEMO: stdlib_param_examples, "stdlib_docstrings": stdlib_docstring_examples}  # built in
 
 
 def prepare_seq2seq(name=SEQ2SEQ_DEMO, inputs=None, tokenizer="bytes", out_dir="data", quiet=False):
@@ -410,23 +472,26 @@ def prepare_seq2seq(name=SEQ2SEQ_DEMO, inputs=None, tokenizer="bytes", out_dir="
         examples = []
         for f in expand_inputs(inputs):
             for lineno, rec, _ in read_jsonl(f):  # a line that is not JSON: read_jsonl names the file and line
-                if not (isinstance(rec, dict) and isinstance(rec.get("source"), str) and isinstance(rec.get("target"), str)):
+                if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("source", "target"))):
                     raise UserError(f"{f}:{lineno}: expected a JSON object with 'source' and 'target' strings")
                 examples.append((rec["source"], rec["target"], "val" if len(examples) % VAL_EVERY == 0 else "train"))
-    elif name == SEQ2SEQ_DEMO:
-        examples = stdlib_param_examples()
+    elif name in SEQ2SEQ_DEMOS:
+        examples = SEQ2SEQ_DEMOS[name]()
     else:
-        raise UserError(f"no seq2seq corpus {name!r} built in (only {SEQ2SEQ_DEMO!r}); give --input=FILE.jsonl")
+        raise UserError(f"no seq2seq corpus {name!r} built in (only {', '.join(SEQ2SEQ_DEMOS)}); give "
+                        f"--input=FILE.jsonl")
     tok, folder = get_tokenizer(tokenizer), Path(out_dir) / name
     counts = {}
     for split in ("train", "val"):
-        counts.update(write_documents(folder, split, tok, [text for s, t, sp in examples if sp == split for text in (s, t)]))
+        pairs = [text for s, t, sp in examples if sp == split for text in (s, t)]
+        counts.update(write_documents(folder, split, tok, pairs))
     meta = write_meta(folder, tok, counts, seq2seq=True, source=f"{name}: {len(examples)} source/target pairs")
     if not quiet:
         print(f"wrote {folder}: {meta['train_docs'] // 2} train / {meta['val_docs'] // 2} val source/target pairs")
     return str(folder)
 
-BUILTIN = {"pystdlib": prepare, CLASSIFY_DEMO: prepare_classify, SEQ2SEQ_DEMO: prepare_seq2seq}  # made on first use
+BUILTIN = {"pystdlib": prepare, CLASSIFY_DEMO: prepare_classify,  # made on first use
+           **{name: prepare_seq2seq for name in SEQ2SEQ_DEMOS}}
 
 
 # -----------------------------------------------------------------------------
@@ -434,8 +499,8 @@ BUILTIN = {"pystdlib": prepare, CLASSIFY_DEMO: prepare_classify, SEQ2SEQ_DEMO: p
 def check_args(args):
     """The command line's values, before any input is read or anything written."""
     if (args.input or args.hf_dataset or args.append) and args.name is None:
-        raise UserError(f"{'--input' if args.input else '--hf_dataset' if args.hf_dataset else '--append'} needs a --name "
-                        f"for the output folder")
+        given = '--input' if args.input else '--hf_dataset' if args.hf_dataset else '--append'
+        raise UserError(f"{given} needs a --name for the output folder")
     if args.name is not None and (not args.name.strip() or "/" in args.name or args.name in (".", "..")):
         raise UserError(f"--name={args.name!r} must name one folder under --out_dir (no '/'), e.g. --name=mycorpus")
     if not args.out_dir.strip():
@@ -447,12 +512,14 @@ def check_args(args):
     if not args.text_field:
         raise UserError("--text_field must name the field or column that holds the text, e.g. --text_field=text")
     if (args.hf_config or args.hf_split != "train") and not args.hf_dataset:
-        raise UserError(f"--hf_{'config' if args.hf_config else 'split'} belongs to --hf_dataset=NAME, which is missing")
+        raise UserError(f"--hf_{'config' if args.hf_config else 'split'} belongs to --hf_dataset=NAME, which is "
+                        f"missing")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction={args.val_fraction} must be between 0 and 1, e.g. 0.05 (every 20th document)")
     if args.val_docs is not None and args.val_docs < 1:
         raise UserError(f"--val_docs={args.val_docs} must be >= 1 (or left out: no limit)")
-    if args.classify and (args.hf_dataset or args.append or args.val_fraction or args.val_docs or args.text_field != "text"):
+    if args.classify and (args.hf_dataset or args.append or args.val_fraction or args.val_docs
+                          or args.text_field != "text"):
         raise UserError("--classify reads .jsonl files of {\"text\", \"label\"} lines, every 20th to validation; "
                         "it takes no --hf_dataset, --append, --val_fraction, --val_docs or --text_field")
     if args.tokenizer is not None or not args.append:
@@ -461,21 +528,21 @@ def check_args(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Tokenize text into data/NAME/{train,val}.bin + meta.json.")
-    parser.add_argument("--classify", action="store_true", help="inputs are .jsonl lines {\"text\": ..., \"label\": ...}: "
-                        "a labelled corpus for train.py --objective=classify")
-    parser.add_argument("--seq2seq", action="store_true", help="inputs are .jsonl lines {\"source\": ..., \"target\": ...}: "
-                        "a corpus for train.py --objective=seq2seq (an encoder-decoder)")
+    parser.add_argument("--classify", action="store_true", help="inputs are .jsonl lines {\"text\": ..., "
+                        "\"label\": ...}: a labelled corpus for train.py --objective=classify")
+    parser.add_argument("--seq2seq", action="store_true", help="inputs are .jsonl lines {\"source\": ..., "
+                        "\"target\": ...}: a corpus for train.py --objective=seq2seq (an encoder-decoder)")
     parser.add_argument("--name", default=None, help="output folder under --out_dir (default: pystdlib)")
     parser.add_argument("--input", action="extend", nargs="+", default=[],
                         help="files, directories or globs; .jsonl(.gz/.zst) lines and .parquet rows are documents")
     parser.add_argument("--text_field", default="text", help="the JSON field / Parquet or dataset column of the text")
-    parser.add_argument("--hf_dataset", default=None, help="a Hugging Face dataset (hub name or local folder), streamed "
-                        "after the --input files (pip install datasets)")
+    parser.add_argument("--hf_dataset", default=None, help="a Hugging Face dataset (hub name or local folder), "
+                        "streamed after the --input files (pip install datasets)")
     parser.add_argument("--hf_config", default=None, help="the dataset's configuration, e.g. sample-10BT")
     parser.add_argument("--hf_split", default="train")
-    parser.add_argument("--tokenizer", default=None, help="bytes (the default), a tiktoken encoding (gpt2, cl100k_base, "
-                        "...), the path of a tiktoken-format BPE file such as LLaMA-3's tokenizer.model, or of a Hugging "
-                        "Face tokenizer.json; --append uses the corpus's own")
+    parser.add_argument("--tokenizer", default=None, help="bytes (the default), a tiktoken encoding (gpt2, "
+                        "cl100k_base, ...), the path of a tiktoken-format BPE file such as LLaMA-3's tokenizer.model, "
+                        "or of a Hugging Face tokenizer.json; --append uses the corpus's own")
     parser.add_argument("--val_fraction", type=float, default=None,
                         help="share of the documents for validation, evenly spaced (default 0.05: every 20th)")
     parser.add_argument("--val_docs", type=int, default=None, help="at most this many validation documents")
@@ -490,7 +557,8 @@ if __name__ == "__main__":
     try:
         check_args(args)
         if args.classify:
-            prepare_classify(args.name or CLASSIFY_DEMO, args.input, args.tokenizer or "bytes", args.out_dir, args.quiet)
+            prepare_classify(args.name or CLASSIFY_DEMO, args.input, args.tokenizer or "bytes", args.out_dir,
+                             args.quiet)
         elif args.seq2seq:
             prepare_seq2seq(args.name or SEQ2SEQ_DEMO, args.input, args.tokenizer or "bytes", args.out_dir, args.quiet)
         else:
@@ -500,4 +568,5 @@ if __name__ == "__main__":
     except (UserError, OSError) as e:
         sys.exit(print(f"prepare.py: error: {e}", file=sys.stderr) or 2)
     except KeyboardInterrupt:  # write_splits removed its partial files (an --append cut them back): nothing lost
-        sys.exit("prepare.py: interrupted; no partial token file is left (an --append leaves the corpus as it was); rerun to finish")
+        sys.exit("prepare.py: interrupted; no partial token file is left (an --append leaves the corpus as it was); "
+                 "rerun to finish")

@@ -13,13 +13,15 @@ the others; a classify checkpoint prints the most likely labels of the text:
     python sample.py --ckpt=out-classify --start=FILE:snippet.py
 
 An encoder-decoder (T5) checkpoint generates the target of --source (greedy unless --temperature is
-given), or measures exact match over a split of its seq2seq corpus, next to the copy baselines:
+given), or measures exact match and ROUGE (pip install rouge-score) over a split of its seq2seq corpus, next to
+the copy baselines:
 
     python sample.py --ckpt=out-t5-seq2seq --source="def get(self, key, default=None):"
     python sample.py --ckpt=out-t5-seq2seq --exact_match=val
 """
 import collections
 import os
+import re
 import sys
 import time
 from typing import Annotated
@@ -30,23 +32,26 @@ import torch
 import checkpoint
 import data
 import model as M
-from common import UserError, at_least, device_rule, nonempty, one_of, parse_config, resolve_device, rule, usage
+from common import (UserError, at_least, device_rule, need, nonempty, one_of, parse_config, resolve_device, rule,
+                    usage)
 from tokenizer import get_tokenizer_from_meta
 
 # arguments (--key=value): each annotated with its type and constraint, checked before any file is read
-ckpt: Annotated[str, nonempty] = "out"               # a checkpoint (.pt or sharded .dcp), or a run's out_dir: its newest
+ckpt: Annotated[str, nonempty] = "out"               # a checkpoint (.pt or sharded .dcp), or a run's folder (newest)
 start: str = "\n"                                   # prompt text, or FILE:path to read it from a file
 num_samples: Annotated[int, at_least(1)] = 3
 max_new_tokens: Annotated[int, at_least(1)] = 300
 temperature: Annotated[float, at_least(0.0)] = None  # 0 is greedy; None: 0.8, greedy for an encoder-decoder
 top_k: Annotated[int, at_least(1)] = None            # keep the k likeliest tokens
-top_p: Annotated[float, rule("in (0, 1]", lambda v: 0 < v <= 1, [0.0, 1.5])] = None  # nucleus: the smallest set with this mass
+top_p: Annotated[float, rule("in (0, 1]", lambda v: 0 < v <= 1, [0.0, 1.5])] = None  # nucleus: the likeliest
+#                                                    tokens whose probabilities add up to this
 seed: Annotated[int, at_least(0)] = 1337
 device: Annotated[str, device_rule] = "auto"
-export: Annotated[str, nonempty] = None              # write the checkpoint's weights as one .pt file (e.g. from a sharded .dcp) and exit
-export_hf: Annotated[str, nonempty] = None           # write a Hugging Face folder (config.json, model.safetensors) and exit
-source: str = None                                   # encoder-decoder: the source text (or FILE:path); prints its generated target
-exact_match: Annotated[str, one_of("train", "val")] = None  # encoder-decoder: greedy exact match over this split of its seq2seq corpus
+export: Annotated[str, nonempty] = None              # write the weights as one .pt file (e.g. from a .dcp) and exit
+export_hf: Annotated[str, nonempty] = None           # write a Hugging Face folder (config.json, safetensors) and exit
+source: str = None                                   # encoder-decoder: the source text (or FILE:path) to answer
+exact_match: Annotated[str, one_of("train", "val")] = None  # encoder-decoder: greedy exact match and ROUGE over this
+#                                                    split of its seq2seq corpus
 RULES = dict(__annotations__)
 DEFAULTS = {k: globals()[k] for k in RULES}
 
@@ -100,26 +105,65 @@ def generate_targets(net, meta, sources, T, max_new_tokens, **sampling):
     return [ids[:ids.index(eos)] if eos in ids else ids for ids in out]
 
 
-def evaluate_exact_match(net, ckpt, split, batch_size=64):
+def rouge_scores(preds, refs):
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of the predicted texts against the references, by Google's
+    rouge-score package (its tokenizer: lower case, [a-z0-9]+ words; Porter stemming), and exact match: means over
+    the pairs, x 100. rouge-score is optional, imported here: without it, a UserError naming its pip command."""
+    rouge_scorer = need("rouge_score.rouge_scorer", "rouge-score", "ROUGE")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores, n = [scorer.score(r, p) for p, r in zip(preds, refs, strict=True)], max(len(refs), 1)
+    return dict({k: 100 * sum(s[k].fmeasure for s in scores) / n for k in ("rouge1", "rouge2", "rougeL")},
+                exact_match=100 * sum(p == r for p, r in zip(preds, refs)) / n)
+
+
+def greedy_texts(net, meta, c, examples, batch_size=64):
+    """The greedy output text for each (source, target) example of a fitted seq2seq split c."""
+    tok = get_tokenizer_from_meta(meta)
+    return [data.show(tok, p, meta["vocab_size"]) for i in range(0, len(examples), batch_size)
+            for p in generate_targets(net, meta, [s for s, _ in examples[i:i + batch_size]], c["T"], c["D"],
+                                      temperature=0.0)]
+
+
+def seq2seq_scores(net, meta, c, n):
+    """rouge_scores of the greedy outputs for the first n examples (at most all) of a fitted seq2seq split:
+    train.py's eval_rouge, at each evaluation."""
+    tok, was_training = get_tokenizer_from_meta(meta), net.training
+    examples = [data.seq2seq_example(c, k) for k in range(min(n, len(c["ends"]) // 2))]
+    preds = greedy_texts(net.eval(), meta, c, examples)
+    net.train(was_training)
+    return rouge_scores(preds, [tok.decode(t.tolist()) for _, t in examples])
+
+
+def name_words(source):
+    """The first function name in a source as lower-case words (get_systemId -> get system id): a baseline."""
+    m = re.search(r"def\s+(\w+)", source)
+    return " ".join(re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", m[1]).replace("_", " ").lower().split()) if m else ""
+
+
+def evaluate_exact_match(net, ckpt, split, rouge=False, batch_size=64):
     """Greedy exact match over every example of a split of the checkpoint's seq2seq corpus (its config's
     data_root/dataset), next to the copy baselines: the source, its first line, the most common training
-    target. Returns {"n", "exact_match", "baselines": {rule: accuracy}, "too_long": targets that cannot match}."""
+    target, the function's name as words. Returns {"n", "exact_match", "baselines": {rule: accuracy},
+    "too_long": targets that cannot match}, and with rouge "rouge": {"model" or rule: rouge_scores}."""
     cfg = ckpt["config"]
     data_dir, T = os.path.join(cfg["data_root"], cfg["dataset"]), cfg["seq_len"] or net.cfg.block_size
     meta = data.load_meta(data_dir)
     tok, obj = get_tokenizer_from_meta(meta), data.OBJECTIVES["seq2seq"]
     c = {s: obj.fit(obj.open(data_dir, s, meta), T, cfg) for s in ("train", split)}
     examples = [data.seq2seq_example(c[split], k) for k in range(len(c[split]["ends"]) // 2)]
-    preds = [p for i in range(0, len(examples), batch_size)
-             for p in generate_targets(net, meta, [s for s, _ in examples[i:i + batch_size]], T, c[split]["D"], temperature=0.0)]
+    preds = greedy_texts(net, meta, c[split], examples, batch_size)
     texts = [(tok.decode(s.tolist()), tok.decode(t.tolist())) for s, t in examples]
     common = collections.Counter(tok.decode(data.seq2seq_example(c["train"], k)[1].tolist())
                                  for k in range(len(c["train"]["ends"]) // 2)).most_common(1)[0][0]
     acc = lambda guesses: sum(g == t for g, (_, t) in zip(guesses, texts)) / len(texts)
-    return dict(n=len(texts), exact_match=acc([data.show(tok, p, meta["vocab_size"]) for p in preds]),
-                baselines={"source": acc([s for s, _ in texts]), "first line": acc([s.split("\n")[0] for s, _ in texts]),
-                           f"most common training target {common!r}": acc([common] * len(texts))},
-                too_long=sum(len(t) >= c[split]["D"] for _, t in examples))  # cut in training, and past max_new_tokens
+    guesses = {"source": [s for s, _ in texts], "first line": [s.split("\n")[0] for s, _ in texts],
+               f"most common training target {common!r}": [common] * len(texts),
+               "the function's name as words": [name_words(s) for s, _ in texts]}
+    out = dict(n=len(texts), exact_match=acc(preds), baselines={k: acc(g) for k, g in guesses.items()},
+               too_long=sum(len(t) >= c[split]["D"] for _, t in examples))  # cut in training, past max_new_tokens
+    if rouge:  # ROUGE-1/2/L of the model and of each baseline
+        out["rouge"] = {k: rouge_scores(g, [t for _, t in texts]) for k, g in {"model": preds, **guesses}.items()}
+    return out
 
 
 def read_arg(args, key):
@@ -166,19 +210,30 @@ def sample(args):
     enc_dec = net.cfg.n_dec_layer > 0
     temperature = args["temperature"] if args["temperature"] is not None else 0.0 if enc_dec else 0.8
     if (source is not None or args["exact_match"]) and not enc_dec:
-        raise UserError("--source and --exact_match need an encoder-decoder checkpoint (objective='span' or 'seq2seq')")
+        raise UserError("--source and --exact_match need an encoder-decoder checkpoint (objective='span' or "
+                        "'seq2seq')")
     if enc_dec and args["exact_match"]:
-        r = evaluate_exact_match(net, ckpt, args["exact_match"])
+        try:  # ROUGE when rouge-score is installed; exact match always
+            rouge = bool(need("rouge_score.rouge_scorer", "rouge-score", "ROUGE"))
+        except UserError as e:
+            rouge = print(f"no ROUGE: {e}")
+        r = evaluate_exact_match(net, ckpt, args["exact_match"], rouge=rouge)
         print(f"exact match on {args['exact_match']}: {r['exact_match']:.1%} of {r['n']} examples (greedy)"
-              + (f"; {r['too_long']} targets are longer than the decoder's length and cannot match" if r["too_long"] else ""))
-        return print("copy baselines: " + ", ".join(f"{k} {v:.1%}" for k, v in r["baselines"].items()))
+              + (f"; {r['too_long']} targets are longer than the decoder's length and cannot match"
+                 if r["too_long"] else ""))
+        print("copy baselines: " + ", ".join(f"{k} {v:.1%}" for k, v in r["baselines"].items()))
+        for k, v in r.get("rouge", {}).items():
+            print(f"ROUGE-1/2/L {v['rouge1']:.1f} / {v['rouge2']:.1f} / {v['rougeL']:.1f}: {k}")
+        return
     if enc_dec:
         if source is None:
-            raise UserError("an encoder-decoder checkpoint generates the target of --source='...' (or measures --exact_match=val)")
+            raise UserError("an encoder-decoder checkpoint generates the target of --source='...' (or measures "
+                            "--exact_match=val)")
         g = torch.Generator(device=device).manual_seed(args["seed"])
+        T = ckpt["config"]["seq_len"] or net.cfg.block_size
         for i in range(args["num_samples"] if temperature else 1):  # greedy: one answer
-            ids = generate_targets(net, ckpt["meta"], [tok.encode(source)], ckpt["config"]["seq_len"] or net.cfg.block_size,
-                                   args["max_new_tokens"], temperature=temperature, top_k=args["top_k"], top_p=args["top_p"], generator=g)
+            ids = generate_targets(net, ckpt["meta"], [tok.encode(source)], T, args["max_new_tokens"],
+                                   temperature=temperature, top_k=args["top_k"], top_p=args["top_p"], generator=g)
             print(data.show(tok, ids[0], ckpt["meta"]["vocab_size"]))  # sentinels as <k>
             print(f"---------- sample {i + 1}")
         return

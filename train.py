@@ -26,10 +26,11 @@ import data
 import model as M
 import optim
 import prepare
+import sample
 from checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, restore, save_checkpoint
 from common import (UserError, all_reduce_sum, at_least, barrier, below, catch_signals, check_value,
-                    destroy_distributed, device_rule, dir_lock, fraction, mix_seed, nonempty, one_of, parse_config,
-                    provenance, rule, to_host, to_host_later, usage)
+                    destroy_distributed, device_rule, dir_lock, fraction, mix_seed, need, nonempty, one_of,
+                    parse_config, provenance, rule, to_host, to_host_later, usage)
 from logger import check_logging, log, log_eval, log_start, log_step, open_sinks
 from parallelize import blocks_of, build_model, load_shards, setup
 
@@ -64,6 +65,10 @@ dec_len: Annotated[int, at_least(0)] = 0              # encoder-decoder's target
 batch_size: Annotated[int, at_least(1)] = 8           # sequences per micro-step per rank
 gradient_accumulation_steps: Annotated[int, at_least(1)] = 1  # global batch = batch_size * this * world size
 label_fraction: Annotated[float, rule("in (0, 1]", lambda v: 0 < v <= 1, [0.0, 1.5])] = 1.0  # of the examples
+span_targets: Annotated[str, one_of("spans", "whole")] = "spans"  # span: the decoder writes T5's targets (each
+#   sentinel and the span it hid) or the whole window back (it copies what the encoder reads and fills the holes)
+eval_rouge: Annotated[int, at_least(0)] = 0           # seq2seq: ROUGE and exact match of the greedy outputs for the
+#   first this many validation pairs at each evaluation (pip install rouge-score)
 # model: a preset from model.PRESETS; the fields after it override the preset (None: keep the preset's)
 model: Annotated[str, one_of(*M.PRESETS)] = None      # None: the objective's (tiny, bert-tiny, t5-tiny)
 vocab_size: Annotated[int, at_least(1)] = None        # None: the dataset's vocabulary (meta.json), + the objective's
@@ -172,7 +177,15 @@ def settle(cfg, ckpt=None):
         notes.append(f"warmup_iters {c['warmup_iters']}: a tenth of the decay ({c['lr_decay_iters']} steps)")
     if c["label_fraction"] < 1 and not obj.examples:
         raise UserError(f"label_fraction={c['label_fraction']} picks labelled examples, which objective="
-                        f"{c['objective']!r} has not: drop it, or use objective='classify'")
+                        f"{c['objective']!r} has not: drop it, or use objective='classify' or 'seq2seq'")
+    if c["span_targets"] != "spans" and c["objective"] != "span":
+        raise UserError(f"span_targets={c['span_targets']!r} is for objective='span', not {c['objective']!r}: "
+                        f"drop it")
+    if c["eval_rouge"] and c["objective"] != "seq2seq":
+        raise UserError(f"eval_rouge={c['eval_rouge']} scores generated targets, which objective="
+                        f"{c['objective']!r} has not: drop it, or use objective='seq2seq'")
+    if c["eval_rouge"]:
+        need("rouge_score.rouge_scorer", "rouge-score", "eval_rouge")
     if c["dec_len"] and not obj.decoder:
         raise UserError(f"dec_len={c['dec_len']} is the decoder's length, which objective={c['objective']!r} has "
                         f"not: drop it")
@@ -471,6 +484,9 @@ def eval_step(s, run, rt, summary, stop, meter):
     improved = val_loss < s.best_val
     s.best_val, s.bad_evals = (val_loss, 0) if improved else (s.best_val, s.bad_evals + 1)
     s.last_eval = s.step
+    if cfg["eval_rouge"]:  # seq2seq: ROUGE and exact match of greedy outputs (every rank runs the model: FSDP)
+        with rt.autocast():
+            metrics.update(sample.seq2seq_scores(s.raw, run.meta, run.splits[1], cfg["eval_rouge"]))
     summary["evals"].append((s.step, val_loss))
     summary["metrics"] = metrics
     log_eval(s, cfg, rt, meter, metrics, improved)

@@ -58,6 +58,12 @@ def t5_demo(tmp_path_factory):
     return Path(prepare.prepare(prepare.SEQ2SEQ_DEMO, out_dir=tmp_path_factory.mktemp("t5demo"), quiet=True))
 
 
+@pytest.fixture(scope="session")
+def t5_doc_demo(t5_demo):
+    """The built-in summarisation task, prepared once beside the parameter task (~6 s: the stdlib is parsed)."""
+    return Path(prepare.prepare("stdlib_docstrings", out_dir=t5_demo.parent, quiet=True))
+
+
 # ------------------------------------------------------------------------------------------------
 # train.py configs for quick CPU runs
 

@@ -698,3 +698,114 @@ def test_a_one_file_corpus_is_split_inside_and_trains(tmp_path):
     assert s["step"] == 3 and np.isfinite(s["train_losses"]).all()
     with pytest.raises(common.UserError, match="split inside its few documents"):
         prepare.prepare("shake", [str(tmp_path / "input.txt")], out_dir=tmp_path, quiet=True, append=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the summarisation demo task (stdlib_docstrings) and its metric (ROUGE, by Google's rouge-score)
+
+@pytest.mark.slow
+def test_stdlib_docstrings_demo_task(t5_doc_demo, monkeypatch, tmp_path):
+    import ast
+    flat = lambda s: " ".join(s.lower().split())
+    ex = {s: _pairs(t5_doc_demo, s) for s in ("train", "val")}
+    assert len(ex["train"]) > 3000 and len(ex["val"]) > 100
+    for src, tgt in ex["train"] + ex["val"]:
+        assert flat(tgt) not in flat(src), (src, tgt)  # no target inside its source, case and spacing ignored
+        assert len(src.encode()) <= 511 and 8 <= len(tgt.encode()) <= 95 and len(tgt.split()) >= 2
+        f = next(n for n in ast.parse(src).body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+        assert ast.get_docstring(f) is None and f.body, src  # a whole function, its docstring removed
+        assert tgt == prepare.first_sentence(tgt) and "\n" not in tgt  # one sentence, on one line
+    assert len({s for s, _ in ex["train"] + ex["val"]}) == len(ex["train"]) + len(ex["val"])  # each source once
+    files = prepare.pystdlib_files()
+    val_text = "".join(Path(f).read_text(errors="replace") for i, (_, f) in enumerate(files) if i % 20 == 0)
+    assert all(s.split("\n")[0].strip() in val_text for s, _ in ex["val"])  # split by file like pystdlib
+    monkeypatch.setattr(prepare, "pystdlib_files", lambda: files[:100])  # deterministic: the first 100 files give
+    part = prepare.stdlib_docstring_examples()                            # the first examples of the whole task
+    for split in ("train", "val"):
+        mine = [(s, t) for s, t, sp in part if sp == split]
+        assert mine == ex[split][:len(mine)] and mine
+    # on a hand-made file (file 0: validation): what is kept, and how
+    (tmp_path / "m.py").write_text('''
+@cache
+def keep(a, b):
+    """Add two
+    numbers.
+
+    More text."""
+
+    return a + b
+
+def copied(x):
+    """Return x."""
+    return x  # return x.
+
+def only_doc():
+    """Nothing else here."""
+
+def same_line(): """On the header's line."""; return 1
+
+def short(y):
+    """Short."""
+    return y
+''')
+    monkeypatch.setattr(prepare, "pystdlib_files", lambda: [("m.py", str(tmp_path / "m.py"))])
+    assert prepare.stdlib_docstring_examples() == [("@cache\ndef keep(a, b):\n    return a + b", "Add two numbers.",
+                                                    "val")]
+    assert prepare.first_sentence("Return  the\n  thing! More.") == "Return the thing!"
+
+
+def test_rouge_scores_against_the_package(monkeypatch):
+    import sample
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    preds = ["the cat on the mat", "Returns the values.", "", "def f(x)", "Return the value."]
+    refs = ["the cat sat on the mat", "Return the value.", "Return the value.", "Return x.", "Return the value."]
+    r = sample.rouge_scores(preds, refs)
+    # by hand, pair 1: 5 of 5 predicted words in the 6 of the reference (F 10/11), 3 of 4 bigrams in 5 (F 2/3),
+    # LCS 5; pair 2 the same words once stemmed (returns -> return, values -> valu); pair 3 nothing; pair 4 "x"
+    # (F 2/5); pair 5 exact
+    assert r["rouge1"] == pytest.approx(100 * (10 / 11 + 1 + 0 + 2 / 5 + 1) / 5)
+    assert r["rouge2"] == pytest.approx(100 * (2 / 3 + 1 + 0 + 0 + 1) / 5)
+    assert r["rougeL"] == pytest.approx(100 * (10 / 11 + 1 + 0 + 2 / 5 + 1) / 5) and r["exact_match"] == 20.0
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)  # the package itself
+    for k in ("rouge1", "rouge2", "rougeL"):
+        assert r[k] == pytest.approx(100 * np.mean([scorer.score(t, p)[k].fmeasure for p, t in zip(preds, refs)]))
+    assert sample.name_words("def get_systemId(self):") == "get system id"  # a baseline
+    monkeypatch.setitem(sys.modules, "rouge_score.rouge_scorer", None)  # not installed: one line naming pip
+    with pytest.raises(ValueError, match="ROUGE needs the optional package rouge-score: pip install rouge-score"):
+        sample.rouge_scores(["a"], ["a"])
+    with pytest.raises(ValueError, match="eval_rouge needs the optional package rouge-score: pip install rouge"):
+        train.check_config(train.get_config([str(REPO / "config/t5_docstrings.py"), "--init_from=scratch"]))
+
+
+def test_label_fraction_picks_seq2seq_pairs(t5_demo):
+    """label_fraction takes a seeded share of the seq2seq pairs (label_subset, as for classify); at 1.0 the rows
+    are those drawn before the subset existed (an example drawn from all n)."""
+    obj = data.OBJECTIVES["seq2seq"]
+    tr = split_of("seq2seq", t5_demo, "train", 64, label_fraction=0.1, seed=7)
+    n = len(tr["ends"]) // 2
+    pick = data.label_subset(n, 0.1, 7)
+    assert np.array_equal(tr["subset"], pick) and len(pick) == -(-n // 10)
+    rows = obj.batch(tr, range(64), 64, seed=7, step=3)
+    allowed = {data.seq2seq_row(tr, int(k))["idx"].tobytes() for k in pick}
+    assert {r.tobytes() for r in rows["idx"]} <= allowed and len({r.tobytes() for r in rows["idx"]}) > 1
+    full = split_of("seq2seq", t5_demo, "train", 64, seed=7)
+    drawn = [data.seq2seq_row(full, int(np.random.default_rng((7, 3, i)).integers(n))) for i in range(16)]
+    for k in ("idx", "dec_idx", "targets"):
+        assert np.array_equal(obj.batch(full, range(16), 16, 7, 3)[k], np.stack([r[k] for r in drawn]))
+
+
+def test_span_whole_targets(data_root):
+    """span_targets='whole': the same corrupted input, and the decoder writes the whole window (what
+    span_uncorrupt rebuilds from T5's targets) and EOS."""
+    obj, meta = data.OBJECTIVES["span"], data.load_meta(data_root / "pystdlib")
+    spans = split_of("span", data_root / "pystdlib", "val", 64)
+    whole = split_of("span", data_root / "pystdlib", "val", 64, span_targets="whole")
+    assert whole["raw"] == spans["raw"] and whole["D"] == whole["raw"] + 1 and spans["D"] < whole["D"]
+    a, b = obj.batch(spans, range(8), 8), obj.batch(whole, range(8), 8)
+    assert np.array_equal(a["idx"], b["idx"]) and np.array_equal(a["attn_mask"], b["attn_mask"])
+    pad, eos = data.special_ids(meta["vocab_size"]).pad, meta["sep_id"]
+    for i in range(8):
+        window = data.span_uncorrupt(a["idx"][i], a["targets"][i][a["targets"][i] != -1], meta["vocab_size"])
+        assert b["targets"][i].tolist() == window + [eos] and b["dec_idx"][i].tolist() == [pad] + window
+    with pytest.raises(ValueError, match="dec_len=20 is shorter than the 71 target tokens"):
+        split_of("span", data_root / "pystdlib", "val", 64, span_targets="whole", dec_len=20)

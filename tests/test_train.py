@@ -25,7 +25,7 @@ from parallelize import blocks_of
 import prepare
 import train
 
-from conftest import BERT_CFG, REPO, split_of, t5_cfg, tiny_cfg
+from conftest import BERT_CFG, REPO, T5_CFG, split_of, t5_cfg, tiny_cfg
 from test_model import bert_small, small_model, t5_small
 
 
@@ -566,6 +566,60 @@ def test_finetune_grid_table(data_root, bert_pretrained, tmp_path, capsys):
                                                                              ("scratch", 0.01, -(-n // 100))]
     assert all(r["min"] <= r["mean"] <= r["max"] and len(r["accs"]) == 1 for r in rows)
     assert finetune_grid.main(["--fractions=0"]) == 2 and "--fractions must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_grid_t5_tasks(data_root, t5_demo, t5_doc_demo, tmp_path, capsys):
+    """Both encoder-decoder tasks in one grid: one table each (their metric, ROUGE and exact match), rows for
+    each (init, fraction), one pretrained checkpoint."""
+    pytest.importorskip("rouge_score")
+    import finetune_grid
+    arch = [f"--{k}={T5_CFG[k]}" for k in ("n_layer", "n_embd", "n_head")]
+    train.train(t5_cfg(data_root, tmp_path / "span", max_iters=2, warmup_iters=1))
+    status = finetune_grid.main(["--task=params,docstrings", f"--ckpt={tmp_path / 'span' / 'best.pt'}", "--seeds=1",
+                                 "--workers=2", "--fractions=0.01,1", f"--out_dir={tmp_path}",
+                                 f"--json={tmp_path / 'grid.json'}", f"--data_root={t5_demo.parent}", "--device=cpu",
+                                 *arch, "--batch_size=4", "--max_iters=2", "--warmup_iters=1", "--eval_iters=1",
+                                 "--eval_rouge=4", "--log_interval=100", "--seq_len=64", "--dec_len=32"])
+    text = capsys.readouterr().out
+    assert status == 0, text
+    tables = text[text.index("fine-tune grid:"):].split("\n\n")
+    for table, name, metric in zip(tables, ("stdlib_params", "stdlib_docstrings"), ("exact match", "ROUGE-L")):
+        lines = table.splitlines()
+        n = data.load_meta(t5_demo.parent / name)["train_docs"] // 2
+        assert lines[0].startswith(f"fine-tune grid: {name}, {n:,} training pairs")
+        assert "every run: 2 steps of batch 4 x 64+32 tokens" in lines[0]
+        assert lines[1].split()[:4] == ["init", "pairs", "steps", metric.split()[0]]
+        for row, (init, pct, k) in zip(lines[2:6], [(i, p, k) for p, k in (("1%", -(-n // 100)), ("100%", n))
+                                                    for i in ("pretrained", "scratch")]):
+            assert row.split()[:4] == [init, pct, f"({k:,})", "2"], row
+        assert lines[6].startswith(f"pretrained - scratch, points of mean {metric}: 1% ")
+    assert tables[1].splitlines()[7].startswith("wall time:") and "for 8 fine-tunes" in tables[1]
+    rows = json.loads((tmp_path / "grid.json").read_text())["rows"]
+    assert [(r["task"], r["init"], r["fraction"]) for r in rows[:2]] == [("params", "pretrained", 0.01),
+                                                                         ("params", "scratch", 0.01)]
+    assert len(rows) == 8 and all(r["min"] <= r["mean"] <= r["max"] and len(r["values"]) == 1 for r in rows)
+    assert finetune_grid.main(["--task=params,nope"]) == 2 and "--task=params,nope" in capsys.readouterr().err
+
+
+def test_seq2seq_rouge_at_each_evaluation_and_its_rules(data_root, t5_demo, tmp_path):
+    """eval_rouge logs ROUGE and exact match at each evaluation; label_fraction takes seq2seq pairs; the keys of
+    one objective are refused for another with one line; span_targets='whole' trains."""
+    pytest.importorskip("rouge_score")
+    s = train.train(t5_cfg(data_root, tmp_path / "ft", t5_demo, label_fraction=0.01, max_iters=2, eval_interval=2,
+                           warmup_iters=1, eval_rouge=5))
+    assert {"rouge1", "rouge2", "rougeL", "exact_match"} <= set(s["metrics"])
+    records = [json.loads(line) for line in open(tmp_path / "ft" / "log.jsonl")]
+    assert [r["step"] for r in records if "val_rougeL" in r] == [0, 2]
+    for kw, match in ((dict(label_fraction=0.5), "label_fraction=0.5 picks labelled examples.*objective='span'"),
+                      (dict(eval_rouge=8), "eval_rouge=8 scores generated targets.*objective='span'")):
+        with pytest.raises(ValueError, match=match):
+            train.train(t5_cfg(data_root, tmp_path / "x", **kw))
+    with pytest.raises(ValueError, match="span_targets='whole' is for objective='span', not 'clm'"):
+        train.train(tiny_cfg(data_root, tmp_path / "x", span_targets="whole"))
+    s = train.train(t5_cfg(data_root, tmp_path / "w", span_targets="whole", max_iters=4, eval_interval=4,
+                           warmup_iters=1))
+    assert s["evals"][-1][1] < s["evals"][0][1]
 
 
 def test_objective_errors(data_root, tmp_path):
