@@ -149,7 +149,8 @@ def evaluate_exact_match(net, ckpt, split, rouge=False, batch_size=64):
     data_dir, T = os.path.join(cfg["data_root"], cfg["dataset"]), cfg["seq_len"] or net.cfg.block_size
     meta = data.load_meta(data_dir)
     tok, obj = get_tokenizer_from_meta(meta), data.OBJECTIVES["seq2seq"]
-    c = {s: obj.fit(obj.open(data_dir, s, meta), T, cfg) for s in ("train", split)}
+    c = {s: obj.fit(obj.open(data_dir, s, meta), T, {"dec_len": 0, **cfg, "label_fraction": 1.0, "seed": 0})
+         for s in ("train", split)}  # (every pair)
     examples = [data.seq2seq_example(c[split], k) for k in range(len(c[split]["ends"]) // 2)]
     preds = greedy_texts(net, meta, c[split], examples, batch_size)
     texts = [(tok.decode(s.tolist()), tok.decode(t.tolist())) for s, t in examples]

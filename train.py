@@ -277,6 +277,9 @@ def resolve_run(cfg, rt):
             raise UserError(f"the {name} split holds token id {meta[f'{split}_max_id']} >= the model's vocab_size="
                             f"{mcfg.vocab_size}: the corpus does not fit this vocabulary; re-run prepare.py")
     splits = tuple(obj.fit(split, T, c) for split in opened)
+    if splits[0].get("D", 0) > mcfg.block_size:  # the decoder's rows (span: derived from seq_len)
+        raise UserError(f"the decoder's rows are {splits[0]['D']} tokens, more than block_size={mcfg.block_size}: "
+                        f"lower seq_len or dec_len, or raise block_size")
     c.update(seq_len=T, dec_len=splits[0].get("D", 0), device=str(rt.device), dtype=str(rt.dtype).split(".")[-1],
              parallel=rt.parallel, compile=rt.compile, **{k: getattr(mcfg, k) for k in MODEL_KEYS if k in DEFAULTS})
     return Run(c, obj, meta, splits, ckpt, path, mcfg, notes, provenance(c, rt.device, rt.world))

@@ -97,7 +97,7 @@ def t5_cfg(data_root, out, demo=None, **kw):
 def launch_ranks(*args, timeout=600):
     """tests/test_distributed.py under torchrun with 2 ranks of one thread: its __main__ runs the worker that
     args[0] names, with the other args. Returns the finished process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")  # a crash: its stack
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "tests" / "test_distributed.py"), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=timeout)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import bench
+import prepare
 import checkpoint
 import common
 import data
@@ -331,11 +332,14 @@ def test_every_bad_value_is_one_line_before_any_work(data_root, tmp_path, monkey
         (["--dec_len=8"], "dec_len=8"),
         (["--optimizer=muon", "--parallel=fsdp"], "optimizer='muon' with parallel='fsdp'"),
         (["--label_fraction=0.5"], "label_fraction=0.5 picks labelled examples"),
+        (["--span_targets=whole"], "span_targets='whole' is for objective='span'"),
+        (["--eval_rouge=4"], "eval_rouge=4 scores generated targets"),
+        (["--objective=span", "--span_targets=whole"], "the decoder's rows are 35 tokens, more than block_size=32"),
     ]
     for argv, named in cross:
         status, err = main_fails(argv, data_root, tmp_path, monkeypatch, capsys)
         assert status != 0 and err.count("\n") == 1 and "Traceback" not in err and named in err, (argv, err)
-    assert len(train.DEFAULTS) == 67 and len(cases) == 114 and len(cross) == 23  # keys and cases covered
+    assert len(train.DEFAULTS) == 69 and len(cases) == 117 and len(cross) == 26  # keys and cases covered
 
 
 def test_cli_config_error_is_one_line_before_any_work(tmp_path):
@@ -397,9 +401,15 @@ def test_other_clis_check_every_argument_first(tmp_path, monkeypatch, capsys):
             bench.main([f"--{key}" if value is None else f"--{key}={value}", "--synthetic", "--device=cpu"])
     r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--warmup=-1"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "warmup=-1" in r.stderr and "Traceback" not in r.stderr
-    for argv, named in ((["--estimate", "llama-70b"], "'llama-7b'"), (["--prepare", "--steps=2"], "--prepare")):
-        r = subprocess.run([sys.executable, str(REPO / "bench.py"), *argv], capture_output=True, text=True)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and named in r.stderr, r.stderr  # (the presets named)
+    r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--estimate", "llama-70b"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'llama-7b'" in r.stderr, r.stderr  # presets named
+    offline = common.UserError("tiktoken encoding 'gpt2' could not be loaded: tiktoken could not download its files")
+    monkeypatch.setattr(prepare, "get_tokenizer", lambda name: (_ for _ in ()).throw(offline))
+    with pytest.raises(common.UserError, match="bench.py --prepare times the gpt2 BPE, which cannot be loaded: "
+                                               "tiktoken encoding 'gpt2'.*Set TIKTOKEN_CACHE_DIR") as e:
+        bench.main(["--prepare", "--steps=2"])  # offline: one line naming the fix (not a --tokenizer it lacks)
+    assert "\n" not in str(e.value) and "--tokenizer" not in str(e.value)
     # prepare.py: every argument, one line each, nothing written
     out = tmp_path / "prep"
     bad = [["--name="], ["--name=a/b"], ["--input=nope*.txt", "--name=x"], ["--input=x.txt"], ["--tokenizer=nope"],

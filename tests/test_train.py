@@ -161,8 +161,9 @@ def test_recipe_configs_run(tmp_path, monkeypatch):
             stand_in = {"classify": labelled, "seq2seq": pairs}.get(cfg["objective"], plain)
             shutil.copytree(stand_in, tmp_path / "data" / cfg["dataset"])
         obj = data.OBJECTIVES[train.settle(cfg)[0]["objective"]]
-        sizes = {**small, **({"n_dec_layer": 1} if obj.decoder else {})} if scratch else {}
-        cfg = train.get_config([str(path)] + [f"--{k}={v}" for k, v in {**sizes, **steps}.items()])
+        sizes = {**small, **({"n_dec_layer": 1, "block_size": 128} if obj.decoder else {})} if scratch else {}
+        short = {"seq_len": 48} if obj.decoder else {}  # (decoder rows up to 128: whole windows, dec_len=96)
+        cfg = train.get_config([str(path)] + [f"--{k}={v}" for k, v in {**sizes, **steps, **short}.items()])
         s = train.train(cfg)
         assert s["step"] == 2 and len(s["evals"]) == 2 and np.isfinite(s["train_losses"]).all(), path.name
         specials = obj.extra_tokens
