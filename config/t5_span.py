@@ -2,10 +2,11 @@
 # position bias, 1.9M parameters) on the built-in pystdlib corpus (bytes; prepared on first use). Each row
 # is a window of 141 bytes: 15% of it, in spans of 3 on average, is cut out, and the encoder reads the rest
 # with a sentinel in each hole (128 tokens). The decoder writes the whole window back (142 tokens with EOS;
-# span_targets='whole', the T5 paper's MASS-style variant) rather than T5's sentinels and the bytes they hid
-# (29): it must copy what the encoder reads as well as fill the holes, so pretraining teaches it to read the
-# encoder. With T5's targets it barely did (the validation loss rose by 0.07 nats/token when the encoder read
-# another window), and fine-tuning from it lost to fine-tuning from scratch (README: Encoder-decoder).
+# span_targets='whole': the original text as target, as in BART's text infilling) rather than T5's sentinels
+# and the bytes they hid (29): it must copy what the encoder reads as well as fill the holes, so pretraining
+# teaches it to read the encoder. With T5's targets it barely did (the validation loss rose by 0.07 nats/token
+# when the encoder read another window; 0.93 with these), and fine-tuning from it lost to fine-tuning from
+# scratch (docs/t5.md).
 #   python train.py config/t5_span.py
 #   python train.py config/t5_seq2seq.py          # then fine-tune it on a demo task
 #   python train.py config/t5_docstrings.py
